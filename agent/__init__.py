@@ -1,0 +1,3 @@
+"""fedsilo site/coordinator agent."""
+
+__version__ = "0.1.0"

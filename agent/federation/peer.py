@@ -1,0 +1,195 @@
+"""What the site and the coordinator share on the wire: send bodies, receive bodies, resend.
+
+A `Peer` turns the transport's raw `(topic, payload)` stream into validated events. Every
+rejection is logged by topic, size and reason (never payload bytes) and counted, and the
+process keeps running. Resend requests for bodies this peer sent are answered here, so the
+roles only see complete, digest-checked bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import BrokerError, ProtocolError
+from agent.federation import envelope, topics
+from agent.federation.envelope import Manifest, MessageKind
+from agent.federation.reassembly import Reassembler
+from agent.federation.transport import Transport
+
+log = logging.getLogger(__name__)
+
+RESEND_AFTER_S = 2.0
+PUBLISH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BodyReady:
+    topic: topics.Topic
+    manifest: Manifest
+    body: bytes
+
+
+@dataclass(frozen=True)
+class StatusSeen:
+    topic: topics.Topic
+    status: dict[str, Any]
+
+
+@dataclass
+class _Outgoing:
+    manifest: Manifest
+    body: bytes
+    chunk_topic: Callable[[int], str]
+    expiry_s: float | None
+
+
+class Peer:
+    def __init__(self, transport: Transport, federation: str, identity: str, *,
+                 max_body: int, accept: Callable[[topics.Topic], bool]) -> None:
+        self.transport = transport
+        self.federation = federation
+        self.identity = identity
+        self.max_body = max_body
+        self.accept = accept
+        self.reassembler = Reassembler()
+        self.rejected: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._outgoing: dict[tuple[int, str], _Outgoing] = {}
+
+    # ------------------------------------------------------------------ sending
+
+    def send_body(self, manifest_topic: str, chunk_topic: Callable[[int], str],
+                  manifest: Manifest, body: bytes, *, retain_manifest: bool = False,
+                  expiry_s: float | None = None, wait_s: float = PUBLISH_TIMEOUT_S) -> int:
+        """Publish manifest then chunks, wait for every acknowledgement; returns bytes sent."""
+        self._outgoing[(manifest.round, manifest.body_digest)] = _Outgoing(
+            manifest, body, chunk_topic, expiry_s)
+        head = envelope.encode(manifest.header())
+        infos = [self.transport.publish(manifest_topic, head, retain=retain_manifest)]
+        sent = len(head)
+        for index, payload in envelope.iter_chunks(manifest, body):
+            infos.append(self.transport.publish(chunk_topic(index), payload, expiry_s=expiry_s))
+            sent += len(payload)
+        self.transport.wait_published(infos, wait_s)
+        self.bytes_sent += sent
+        return sent
+
+    def forget_sent_before(self, rnd: int) -> None:
+        for key in [k for k in self._outgoing if k[0] < rnd]:
+            del self._outgoing[key]
+
+    def _serve_resend(self, header: dict[str, Any]) -> None:
+        fed, rnd, _sender, digest, missing = envelope.parse_resend(header)
+        out = self._outgoing.get((rnd, digest))
+        if fed != self.federation or out is None:
+            raise ProtocolError("resend_unknown_body", f"round {rnd}")
+        infos = []
+        for index in missing:
+            if index >= out.manifest.n_chunks:
+                raise ProtocolError("bad_chunk_index", f"resend of {index}")
+            a, b = out.manifest.chunk_span(index)
+            payload = envelope.encode(envelope.chunk_header(out.manifest, index), out.body[a:b])
+            infos.append(self.transport.publish(out.chunk_topic(index), payload,
+                                                expiry_s=out.expiry_s))
+            self.bytes_sent += len(payload)
+        self.transport.wait_published(infos, PUBLISH_TIMEOUT_S)
+        log.info("resent %d chunk(s) of round %d", len(missing), rnd)
+
+    def request_missing(self, req_topic: Callable[[Manifest], str]) -> None:
+        """Ask senders again for chunks that stopped arriving (never trust broker queues)."""
+        for manifest, missing in self.reassembler.due_requests(time.monotonic(), RESEND_AFTER_S):
+            head = envelope.resend_header(federation=self.federation, round=manifest.round,
+                                          sender=self.identity, body_digest=manifest.body_digest,
+                                          missing=missing)
+            log.info("asking %s again for %d chunk(s) of round %d", manifest.sender,
+                     len(missing), manifest.round)
+            self.transport.publish(req_topic(manifest), envelope.encode(head))
+
+    # ------------------------------------------------------------------ receiving
+
+    def poll(self, timeout_s: float) -> list[BodyReady | StatusSeen]:
+        """Wait up to `timeout_s` for traffic, then drain what is queued into events."""
+        events: list[BodyReady | StatusSeen] = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                msg = self.transport.inbox.get(timeout=max(0.0, remaining) if not events else 0)
+            except queue.Empty:
+                return events
+            event = self._handle(msg.topic, msg.payload)
+            if event is not None:
+                events.append(event)
+
+    def _handle(self, topic_name: str, payload: bytes) -> BodyReady | StatusSeen | None:
+        if not payload:
+            return None  # a cleared retained message
+        self.bytes_received += len(payload)
+        topic = topics.parse(topic_name)
+        try:
+            if topic is None or topic.federation != self.federation:
+                raise ProtocolError("foreign_topic")
+            if not self.accept(topic):
+                raise ProtocolError("unexpected_topic")
+            if topic.kind == "status":
+                return StatusSeen(topic, _parse_status(payload))
+            return self._handle_envelope(topic, payload)
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            log.warning("dropped message on %s (%d bytes): %s", topic_name[:200], len(payload),
+                        exc)
+        except BrokerError as exc:
+            self.rejected["publish_failed"] += 1
+            log.error("could not answer message on %s: %s", topic_name[:200], exc)
+        return None
+
+    def _handle_envelope(self, topic: topics.Topic, payload: bytes) -> BodyReady | None:
+        env = envelope.decode(payload, max_body=self.max_body)
+        header = env.header
+        if header.get("federation") != self.federation:
+            raise ProtocolError("foreign_federation")
+        if header.get("sender") != topic.sender:
+            raise ProtocolError("sender_topic_mismatch")
+        if env.kind is MessageKind.RESEND:
+            if topic.kind != "req":
+                raise ProtocolError("kind_topic_mismatch")
+            self._serve_resend(header)
+            return None
+        now = time.monotonic()
+        if env.kind is MessageKind.MANIFEST:
+            if topic.kind not in ("manifest", "control") or env.body:
+                raise ProtocolError("kind_topic_mismatch")
+            manifest = envelope.parse_manifest(header, max_body=self.max_body)
+            if topic.round is not None and manifest.round != topic.round:
+                raise ProtocolError("round_topic_mismatch")
+            done = self.reassembler.add_manifest(manifest, now)
+        else:
+            if topic.kind != "chunk":
+                raise ProtocolError("kind_topic_mismatch")
+            _fed, rnd, sender, digest, index = envelope.parse_chunk_header(header)
+            if rnd != topic.round or index != topic.index:
+                raise ProtocolError("round_topic_mismatch")
+            done = self.reassembler.add_chunk(sender, rnd, digest, index, env.body, now)
+        if done is None:
+            return None
+        return BodyReady(topic=topic, manifest=done.manifest, body=done.body)
+
+
+def _parse_status(payload: bytes) -> dict[str, Any]:
+    if len(payload) > 64 * 1024:
+        raise ProtocolError("status_too_large")
+    try:
+        status = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ProtocolError("bad_status_json") from None
+    if not isinstance(status, dict):
+        raise ProtocolError("bad_status_json")
+    return status

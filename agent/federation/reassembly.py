@@ -1,0 +1,130 @@
+"""Receiver side of chunked bodies: idempotent, bounded, and able to say what is missing.
+
+Pure logic over manifests and chunk bytes (no MQTT, no clock: `now` is passed in), so the
+rules of PROTOCOL.md "Receiving" are unit-tested without a broker. MQTT's QoS 1 may deliver a
+chunk twice, before its manifest, or not at all (a queue overflowed, the subscriber joined
+late); the reassembler absorbs duplicates, parks early chunks within a byte budget, and lists
+missing chunks so the role can ask the sender again instead of trusting broker queues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.errors import ProtocolError
+from agent.federation.envelope import Manifest, sha256_hex
+
+Key = tuple[str, int, str]  # (sender, round, body_digest)
+
+
+@dataclass
+class _Pending:
+    manifest: Manifest
+    buffer: bytearray
+    have: set[int] = field(default_factory=set)
+    last_progress: float = 0.0
+    last_request: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completed:
+    manifest: Manifest
+    body: bytes
+
+
+class Reassembler:
+    def __init__(self, *, max_pending: int = 64, max_orphan_bytes: int = 64 << 20) -> None:
+        self.max_pending = max_pending
+        self.max_orphan_bytes = max_orphan_bytes
+        self._pending: dict[Key, _Pending] = {}
+        self._done: set[Key] = set()
+        self._orphans: dict[Key, dict[int, bytes]] = {}
+        self._orphan_bytes = 0
+
+    @staticmethod
+    def key_of(m: Manifest) -> Key:
+        return (m.sender, m.round, m.body_digest)
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def add_manifest(self, m: Manifest, now: float) -> Completed | None:
+        """Start collecting the body a manifest announces (a repeated manifest is a no-op)."""
+        key = self.key_of(m)
+        if key in self._done or key in self._pending:
+            return None
+        if len(self._pending) >= self.max_pending:
+            raise ProtocolError("too_many_pending", f"{len(self._pending)} partial bodies")
+        p = _Pending(manifest=m, buffer=bytearray(m.body_len), last_progress=now)
+        self._pending[key] = p
+        for index, data in self._orphans.pop(key, {}).items():
+            self._orphan_bytes -= len(data)
+            try:
+                self._place(p, index, data)
+            except ProtocolError:
+                continue  # a bad early chunk is simply asked for again later
+        return self._finish_if_complete(key, p)
+
+    def add_chunk(self, sender: str, rnd: int, digest: str, index: int, data: bytes,
+                  now: float) -> Completed | None:
+        key = (sender, rnd, digest)
+        if key in self._done:
+            return None  # duplicate of a finished body
+        p = self._pending.get(key)
+        if p is None:
+            self._park_orphan(key, index, data)
+            return None
+        if index in p.have:
+            return None
+        self._place(p, index, data)
+        p.last_progress = now
+        return self._finish_if_complete(key, p)
+
+    def _park_orphan(self, key: Key, index: int, data: bytes) -> None:
+        if self._orphan_bytes + len(data) > self.max_orphan_bytes:
+            raise ProtocolError("orphan_budget", "chunk arrived before its manifest and the "
+                                                 "early-chunk budget is full")
+        slot = self._orphans.setdefault(key, {})
+        if index not in slot:
+            slot[index] = data
+            self._orphan_bytes += len(data)
+
+    @staticmethod
+    def _place(p: _Pending, index: int, data: bytes) -> None:
+        m = p.manifest
+        if index >= m.n_chunks:
+            raise ProtocolError("bad_chunk_index", f"{index} >= {m.n_chunks}")
+        a, b = m.chunk_span(index)
+        if len(data) != b - a:
+            raise ProtocolError("bad_chunk_size", f"chunk {index}: {len(data)} != {b - a}")
+        if sha256_hex(data) != m.chunk_digests[index]:
+            raise ProtocolError("chunk_digest_mismatch", f"chunk {index}")
+        p.buffer[a:b] = data
+        p.have.add(index)
+
+    def _finish_if_complete(self, key: Key, p: _Pending) -> Completed | None:
+        if len(p.have) < p.manifest.n_chunks:
+            return None
+        del self._pending[key]
+        if sha256_hex(p.buffer) != p.manifest.body_digest:
+            raise ProtocolError("body_digest_mismatch", "all chunks matched but the body did not")
+        self._done.add(key)
+        return Completed(manifest=p.manifest, body=bytes(p.buffer))
+
+    def due_requests(self, now: float, after_s: float) -> list[tuple[Manifest, list[int]]]:
+        """Bodies with no progress for `after_s`: what to ask the sender for again."""
+        out = []
+        for p in self._pending.values():
+            if now - max(p.last_progress, p.last_request) >= after_s:
+                missing = [i for i in range(p.manifest.n_chunks) if i not in p.have]
+                p.last_request = now
+                out.append((p.manifest, missing))
+        return out
+
+    def forget_rounds_before(self, rnd: int) -> None:
+        """Drop partial bodies and orphans of rounds that are over (they can never count)."""
+        for key in [k for k in self._pending if k[1] < rnd]:
+            del self._pending[key]
+        for key in [k for k in self._orphans if k[1] < rnd]:
+            self._orphan_bytes -= sum(len(d) for d in self._orphans.pop(key).values())
+        self._done = {k for k in self._done if k[1] >= rnd}

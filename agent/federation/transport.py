@@ -1,0 +1,237 @@
+"""MQTT transport: paho-mqtt 2.x with persistent sessions, QoS 1, reconnect with jitter.
+
+The only module that touches paho. Roles see three things: `publish` (tracked until the
+broker acknowledges it), `wait_published` (a timeout is a failure), and a queue of incoming
+`(topic, payload)` pairs they drain in their own main loop, so all federation logic runs on
+one thread and paho's network thread does nothing but I/O.
+
+We run paho's `loop()` in our own thread rather than `loop_start()` because paho's built-in
+reconnect doubles a fixed delay without jitter; fifty hospitals reconnecting in lock-step after
+a broker restart is exactly what full jitter avoids.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import BrokerConfig
+from agent.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 24 * 3600
+# CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).
+_TERMINAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid",
+                     "Banned", "Bad authentication method"}
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Capped exponential back-off with full jitter (AWS architecture blog's 'Full Jitter')."""
+    return rng.uniform(0.0, min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Transport:
+    """One MQTT identity: connect once, then stay connected until `close`."""
+
+    def __init__(self, client_id: str, broker: BrokerConfig, *, will: Will | None = None,
+                 subscriptions: Iterable[str] = (), reconnect_base_s: float = 0.5,
+                 reconnect_cap_s: float = 30.0) -> None:
+        self.client_id = client_id
+        self.broker = broker
+        self.will = will
+        self.subscriptions = list(subscriptions)
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.reconnect_base_s = reconnect_base_s
+        self.reconnect_cap_s = reconnect_cap_s
+        self.protocol_used: str | None = None
+        self.connects = 0
+        self._rng = random.Random()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._terminal: str | None = None
+        self._last_connack: str = ""
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _make_client(self, v5: bool) -> mqtt.Client:
+        kwargs = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2,
+                  "client_id": self.client_id}
+        if v5:
+            c = mqtt.Client(protocol=mqtt.MQTTv5, **kwargs)
+        else:
+            c = mqtt.Client(protocol=mqtt.MQTTv311, clean_session=False, **kwargs)
+        if self.broker.tls is not None:
+            c.tls_set(ca_certs=str(self.broker.tls.ca), certfile=str(self.broker.tls.cert),
+                      keyfile=str(self.broker.tls.key), cert_reqs=ssl.CERT_REQUIRED,
+                      tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.will is not None:
+            c.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        c.max_inflight_messages_set(32)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect (MQTT 5, falling back to 3.1.1 under protocol 'auto') or raise BrokerError."""
+        order = {"5": [True], "3.1.1": [False], "auto": [True, False]}[self.broker.protocol]
+        last_error = ""
+        for v5 in order:
+            self._client = self._make_client(v5)
+            self._connected.clear()
+            self._last_connack = ""
+            try:
+                self._socket_connect(v5)
+            except OSError as exc:
+                raise BrokerError(f"cannot reach MQTT broker {self.broker.host}:"
+                                  f"{self.broker.port}: {exc.strerror or exc}") from None
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and not self._connected.is_set():
+                rc = self._client.loop(timeout=0.05)
+                if self._terminal or (rc != mqtt.MQTT_ERR_SUCCESS and not self._connected.is_set()):
+                    break
+            if self._connected.is_set():
+                self.protocol_used = "5" if v5 else "3.1.1"
+                self._thread = threading.Thread(target=self._network_loop,
+                                                name=f"mqtt-{self.client_id}", daemon=True)
+                self._thread.start()
+                return
+            last_error = self._terminal or self._last_connack or "no CONNACK before timeout"
+            if self._terminal:
+                break
+            self._client.disconnect()
+        raise BrokerError(f"MQTT broker {self.broker.host}:{self.broker.port} refused "
+                          f"{self.client_id}: {last_error}")
+
+    def _socket_connect(self, v5: bool) -> None:
+        assert self._client is not None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
+                                 clean_start=False, properties=props)
+        else:
+            self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s)
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._last_connack = str(reason_code)
+            if str(reason_code) in _TERMINAL_REASONS:
+                self._terminal = str(reason_code)
+            return
+        self.connects += 1
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        self._connected.set()
+        log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("disconnected from broker (%s); will reconnect", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # ------------------------------------------------------------------ network thread
+
+    def _network_loop(self) -> None:
+        assert self._client is not None
+        attempt = 0
+        while not self._stop.is_set():
+            if self._connected.is_set() or self._client.is_connected():
+                rc = self._client.loop(timeout=0.05)
+                if rc == mqtt.MQTT_ERR_SUCCESS:
+                    attempt = 0
+                    continue
+                self._connected.clear()
+            if self._terminal:
+                log.error("broker refused %s: %s; not retrying", self.client_id, self._terminal)
+                return
+            delay = backoff_delay(attempt, self.reconnect_base_s, self.reconnect_cap_s, self._rng)
+            attempt += 1
+            if self._stop.wait(delay):
+                return
+            try:
+                self._client.reconnect()
+                deadline = time.monotonic() + 10
+                while (time.monotonic() < deadline and not self._connected.is_set()
+                       and not self._stop.is_set()):
+                    if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+            except OSError as exc:
+                log.info("reconnect attempt %d failed: %s", attempt, exc.strerror or exc)
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                expiry_s: float | None = None) -> mqtt.MQTTMessageInfo:
+        if self._client is None:
+            raise BrokerError("publish before connect")
+        props = None
+        if expiry_s is not None and self.protocol_used == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, int(expiry_s))
+        return self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+
+    def wait_published(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout_s: float) -> None:
+        """Block until the broker acknowledged every publish; a timeout is a failure."""
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            remaining = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(max(0.0, remaining))
+            except (RuntimeError, ValueError) as exc:
+                raise BrokerError(f"publish failed: {exc}") from None
+            if not info.is_published():
+                raise BrokerError(f"publish not acknowledged within {timeout_s:.0f} s")
+
+    def close(self, final: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
+        """Publish a last retained message (the explicit offline status), then disconnect."""
+        if self._client is None:
+            return
+        if final is not None and self.connected:
+            try:
+                self.wait_published([self.publish(final[0], final[1], retain=True)], timeout_s)
+            except BrokerError as exc:
+                log.warning("could not publish final status: %s", exc)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        self._client.disconnect()
+        self._client.loop(timeout=0.1)
+        self._client = None

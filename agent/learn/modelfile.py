@@ -1,0 +1,74 @@
+"""The saved model: `model.json` (layout, encoding, standardisation) + `model.f32` (parameters).
+
+Documented in docs/formats.md. Plain JSON and raw little-endian float32 so any language can
+read it and nothing executable is ever loaded (no pickle); the JSON records the parameter
+file's SHA-256 so a truncated copy is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import DataError
+from agent.learn.layout import Layout
+from agent.ops.atomic import write_bytes_atomic, write_json_atomic
+
+FORMAT = "fedsilo-model"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    layout: Layout
+    params: np.ndarray
+    columns: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    plan: dict[str, Any]
+
+
+def save_model(directory: Path, model: SavedModel, extra: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    raw = model.params.astype("<f4").tobytes()
+    write_bytes_atomic(directory / "model.f32", raw)
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layout": model.layout.to_dict(),
+        "params_file": "model.f32",
+        "params_sha256": hashlib.sha256(raw).hexdigest(),
+        "columns": list(model.columns),
+        "standardization": {"mean": model.mean.tolist(), "scale": model.scale.tolist()},
+        "plan": model.plan,
+        **(extra or {}),
+    }
+    write_json_atomic(directory / "model.json", doc)
+    return directory / "model.json"
+
+
+def load_model(directory: Path) -> SavedModel:
+    directory = Path(directory)
+    try:
+        doc = json.loads((directory / "model.json").read_text())
+        raw = (directory / doc["params_file"]).read_bytes()
+        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{directory}/model.json: not a fedsilo model version 1")
+        if hashlib.sha256(raw).hexdigest() != doc["params_sha256"]:
+            raise DataError(f"{directory}/model.f32: digest does not match model.json")
+        layout = Layout.from_dict(doc["layout"])
+        params = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if params.size != layout.size:
+            raise DataError(f"{directory}/model.f32: {params.size} values, layout needs "
+                            f"{layout.size}")
+        return SavedModel(layout=layout, params=params, columns=tuple(doc["columns"]),
+                          mean=np.asarray(doc["standardization"]["mean"], dtype=np.float64),
+                          scale=np.asarray(doc["standardization"]["scale"], dtype=np.float64),
+                          plan=doc["plan"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{directory}: cannot read model ({exc})") from None
