@@ -1,0 +1,130 @@
+"""Command line: parse arguments, load config, call one function per subcommand.
+
+Errors that are the user's to fix (config, data, broker) end as one line on stderr and an
+exit status (2 for config), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.errors import FedsiloError
+
+PROCESS_START = time.time()
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from agent.config import check_file
+
+    kind = check_file(args.file)
+    print(f"{args.file}: valid {kind} file")
+    return 0
+
+
+def _stop_on_signals(event) -> None:
+    def handler(signum, _frame):
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _cmd_site_run(args: argparse.Namespace) -> int:
+    from agent.config import load_site_config
+    from agent.federation.site import Site
+
+    site = Site(load_site_config(args.config), backend=args.backend,
+                process_start=PROCESS_START)
+    _stop_on_signals(site.stop_event)
+    return site.run(exit_when_finished=not args.keep_running)
+
+
+def _cmd_coordinator_run(args: argparse.Namespace) -> int:
+    from agent.config import load_coordinator_config, load_plan
+    from agent.federation.coordinator import Coordinator
+
+    coordinator = Coordinator(load_coordinator_config(args.config), load_plan(args.plan),
+                              backend=args.backend)
+    _stop_on_signals(coordinator.stop_event)
+    final = coordinator.run()
+    ev = final.get("eval", {})
+    print(f"federation {coordinator.fed} finished: held-out AUC {ev.get('auc', float('nan')):.3f}"
+          f" over {int(ev.get('n', 0))} patients; model in {coordinator.state_dir / 'model'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo.run import run_demo
+
+    run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out))
+    return 0
+
+
+def _cmd_warm_cache(args: argparse.Namespace) -> int:
+    from agent.learn.warm import warm_kernels
+
+    print(f"numba kernels compiled and cached in {warm_kernels():.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsilo", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"fedsilo {__version__}")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="validate config and plan files")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a site config, coordinator config or plan")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_config_check)
+
+    for role, func in (("site", _cmd_site_run), ("coordinator", _cmd_coordinator_run)):
+        rp = sub.add_parser(role, help=f"run the {role} agent")
+        rsub = rp.add_subparsers(dest=f"{role}_command", required=True)
+        run = rsub.add_parser("run", help=f"run the {role} in the foreground")
+        run.add_argument("--config", required=True, help=f"{role} config TOML")
+        if role == "coordinator":
+            run.add_argument("--plan", required=True, help="federation plan TOML")
+        else:
+            run.add_argument("--keep-running", action="store_true",
+                             help="stay up after the federation finishes")
+        run.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, reference")
+        run.set_defaults(func=func)
+
+    demo = sub.add_parser("demo", help="a whole federation on this machine: embedded broker, "
+                                       "coordinator, simulated hospitals")
+    demo.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    demo.add_argument("--rounds", type=int, default=15, help="federated rounds (default 15)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated cohorts")
+    demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    demo.set_defaults(func=_cmd_demo)
+
+    warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
+                                             "install, with NUMBA_CACHE_DIR set as the service)")
+    warm.set_defaults(func=_cmd_warm_cache)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from agent.ops.logsetup import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except FedsiloError as exc:
+        print(f"fedsilo: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

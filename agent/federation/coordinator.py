@@ -1,0 +1,400 @@
+"""The coordinator role: statistics step, training rounds, final evaluation, checkpoints.
+
+Rounds follow PROTOCOL.md's state machine (OPEN -> COLLECTING -> AGGREGATED -> PUBLISHED ->
+CLOSED); the checkpoint is written atomically after the statistics step and after every
+closed round, so a restarted coordinator never redoes a closed round and a finished federation
+stays finished. All math lives in pure modules (aggregate, standardize, metrics); this file
+only sequences messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+import kernels as kernel_registry
+from agent.config import CoordinatorConfig, Plan, plan_to_toml_dict
+from agent.errors import FedsiloError, ProtocolError
+from agent.federation import topics
+from agent.federation.aggregate import FedAvgAccumulator
+from agent.federation.envelope import BodyKind, Manifest, make_manifest
+from agent.federation.peer import BodyReady, Peer, StatusSeen
+from agent.federation.transport import Transport, Will
+from agent.ingest.tables import encoded_columns
+from agent.learn.layout import Layout, build_layout, init_params
+from agent.learn.modelfile import SavedModel, save_model
+from agent.learn.standardize import Moments, merge_moments, standardizer
+from agent.ops.atomic import write_bytes_atomic, write_json_atomic
+from agent.ops.status import State, encode_status, offline_status, status_document
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.json"
+PARAMS = "global.f32"
+METRICS = "metrics.json"
+MAX_SAMPLES = 10**9
+
+
+class Stopped(FedsiloError):
+    """The coordinator was asked to stop (SIGTERM, Ctrl-C)."""
+
+
+@dataclass
+class RoundOutcome:
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def weighted_metrics(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Sample-weighted mean of each site's held-out metrics."""
+    evals = [r["eval"] for r in reports.values() if isinstance(r.get("eval"), dict)]
+    total = sum(e["n"] for e in evals)
+    if total <= 0:
+        return {}
+    out: dict[str, float] = {"n": float(total)}
+    for key in ("loss", "auc", "accuracy"):
+        vals = [(e[key], e["n"]) for e in evals if e.get(key) is not None]
+        weight = sum(n for _, n in vals)
+        if weight:
+            out[key] = sum(v * n for v, n in vals) / weight
+    return out
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, plan: Plan, *,
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 backend: str = "auto") -> None:
+        self.config = config
+        self.plan = plan
+        self.fed = plan.federation
+        self.on_round = on_round or (lambda _record: None)
+        self.kernels: ModuleType = kernel_registry.get_backend(backend)
+        self.state_dir = Path(config.state_dir)
+        self.columns = encoded_columns(plan.features)
+        self.layout: Layout = build_layout(plan.model, len(self.columns))
+        self.plan_doc = plan_to_toml_dict(plan)
+        self.digest = plan_digest(plan)
+        self.stop_event = threading.Event()
+        self.current_round = 0
+        self.state = State.STARTING
+        self.site_status: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.run_id = secrets.token_hex(8)
+        self.params = init_params(self.layout, plan.seed)
+        self.mean = np.zeros(len(self.columns))
+        self.scale = np.ones(len(self.columns))
+        self.phase = "stats"
+        self.last_error: str | None = None
+        self.transport = Transport(
+            f"fedsilo-{self.fed}-{config.coordinator_id}", config.broker,
+            will=Will(topics.coordinator_status(self.fed),
+                      offline_status(role="coordinator", identity=config.coordinator_id,
+                                     federation=self.fed, reason="connection_lost")),
+            subscriptions=topics.coordinator_subscriptions(self.fed))
+        max_body = max(self.layout.size * 4, len(self.columns) * 3 * 8)
+        self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
+                         accept=self._accept)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def _load_checkpoint(self) -> None:
+        path = self.state_dir / CHECKPOINT
+        if not path.exists():
+            return
+        doc = json.loads(path.read_text())
+        if doc.get("plan_digest") != self.digest:
+            raise FedsiloError(f"{path}: checkpoint belongs to another plan; move it away to "
+                               "start a new federation")
+        raw = (self.state_dir / PARAMS).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != doc["params_sha256"]:
+            raise FedsiloError(f"{self.state_dir / PARAMS}: digest does not match checkpoint")
+        self.params = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        self.run_id = doc["run"]
+        self.phase = doc["phase"]
+        self.current_round = doc["round"]
+        self.mean = np.asarray(doc["mean"])
+        self.scale = np.asarray(doc["scale"])
+        self.history = doc["history"]
+        log.info("resuming federation %s from checkpoint: phase %s, round %d", self.fed,
+                 self.phase, self.current_round)
+
+    def _save_checkpoint(self) -> None:
+        raw = self.params.astype("<f4").tobytes()
+        write_bytes_atomic(self.state_dir / PARAMS, raw)
+        write_json_atomic(self.state_dir / CHECKPOINT, {
+            "federation": self.fed, "plan_digest": self.digest, "run": self.run_id,
+            "phase": self.phase, "round": self.current_round,
+            "params_sha256": hashlib.sha256(raw).hexdigest(),
+            "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history})
+        write_json_atomic(self.state_dir / METRICS, {"federation": self.fed, "run": self.run_id,
+                                                     "rounds": self.history})
+
+    # ------------------------------------------------------------------ wire helpers
+
+    def _accept(self, topic: topics.Topic) -> bool:
+        if topic.sender == "coordinator":
+            return False  # our own retained messages echo back only if misconfigured
+        if topic.sender not in self.plan.sites:
+            return False  # not enrolled in this federation
+        if topic.kind in ("manifest", "chunk"):
+            return topic.round == self.current_round
+        return topic.kind in ("status", "req")
+
+    def _publish_status(self, extra: dict[str, Any] | None = None) -> None:
+        doc = status_document(role="coordinator", identity=self.config.coordinator_id,
+                              federation=self.fed, state=self.state, round=self.current_round,
+                              last_error=self.last_error,
+                              extra={"rounds_total": self.plan.rounds, "run": self.run_id,
+                                     "rejected_messages": sum(self.peer.rejected.values()),
+                                     **(extra or {})})
+        self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
+                               retain=True)
+
+    def _broadcast(self, rnd: int, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> int:
+        if rnd > 0:  # drop the previous round's retained manifest: late joiners see this one
+            self.transport.publish(topics.coordinator_manifest(self.fed, rnd - 1), b"",
+                                   retain=True)
+        self.peer.forget_sent_before(rnd)
+        self.peer.reassembler.forget_rounds_before(rnd)
+        manifest = make_manifest(federation=self.fed, round=rnd, sender="coordinator",
+                                 body_kind=kind, body=body, created=time.time(),
+                                 meta={"run": self.run_id, "plan": self.plan_doc,
+                                       "plan_digest": self.digest, **meta})
+        return self.peer.send_body(topics.coordinator_manifest(self.fed, rnd),
+                                   lambda k: topics.coordinator_chunk(self.fed, rnd, k),
+                                   manifest, body, retain_manifest=True,
+                                   expiry_s=self.plan.round_deadline_s * 4)
+
+    def _collect(self, rnd: int, kind: BodyKind,
+                 on_body: Callable[[str, Manifest, bytes], dict[str, Any]]) -> RoundOutcome:
+        """Gather one body per site for this round: all sites, or a quorum at the deadline."""
+        self.current_round = rnd
+        outcome = RoundOutcome()
+        start = time.monotonic()
+        deadline = start + self.plan.round_deadline_s
+        warned = False
+        expected = set(self.plan.sites)
+        while True:
+            if self.stop_event.is_set():
+                raise Stopped("stop requested")
+            for event in self.peer.poll(0.05):
+                if isinstance(event, StatusSeen):
+                    self.site_status[event.topic.sender] = event.status
+                elif isinstance(event, BodyReady):
+                    self._take(event, rnd, kind, on_body, outcome)
+            self.peer.request_missing(lambda m: topics.coordinator_req(self.fed, m.sender))
+            if set(outcome.reports) >= expected:
+                break
+            now = time.monotonic()
+            if now >= deadline and len(outcome.reports) >= self.plan.min_sites:
+                log.info("round %d deadline: closing with %d of %d sites", rnd,
+                         len(outcome.reports), len(expected))
+                break
+            if now >= deadline and not warned:
+                warned = True
+                log.warning("round %d deadline passed with %d of %d sites (min_sites %d); "
+                            "waiting for a quorum", rnd, len(outcome.reports), len(expected),
+                            self.plan.min_sites)
+        outcome.seconds = time.monotonic() - start
+        return outcome
+
+    def _take(self, event: BodyReady, rnd: int, kind: BodyKind,
+              on_body: Callable[[str, Manifest, bytes], dict[str, Any]],
+              outcome: RoundOutcome) -> None:
+        site, m = event.topic.sender, event.manifest
+        try:
+            if m.round != rnd:
+                raise ProtocolError("wrong_round", f"round {m.round}, expected {rnd}")
+            if m.body_kind is not kind:
+                raise ProtocolError("wrong_body_kind", m.body_kind.value)
+            if m.meta.get("run") != self.run_id:
+                raise ProtocolError("wrong_run")
+            if site in outcome.reports:
+                raise ProtocolError("duplicate_update", site)
+            outcome.reports[site] = on_body(site, m, event.body)
+            log.info("round %d: %s reported (%d/%d)", rnd, site, len(outcome.reports),
+                     len(self.plan.sites))
+        except ProtocolError as exc:
+            self.peer.rejected[exc.reason] += 1
+            log.warning("rejected %s from %s for round %d: %s", m.body_kind.value, site, rnd, exc)
+
+    # ------------------------------------------------------------------ phases
+
+    def _stats_phase(self) -> None:
+        self.state = State.STATS
+        self._publish_status()
+        d = len(self.columns)
+        parts: list[Moments] = []
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            if len(body) != 3 * d * 8:
+                raise ProtocolError("bad_stats_size", f"{len(body)} bytes")
+            try:
+                moments = Moments.from_vector(np.frombuffer(body, dtype="<f8"))
+            except ValueError as exc:
+                raise ProtocolError("bad_stats", str(exc)) from None
+            parts.append(moments)
+            return {"n": int(moments.count.max(initial=0))}
+
+        self._broadcast(0, BodyKind.STATS_TASK, b"", {})
+        self._collect(0, BodyKind.STATS, take)
+        numeric = tuple(i for i, c in enumerate(self.columns) if "=" not in c)
+        self.mean, self.scale = standardizer(merge_moments(parts), numeric)
+        self.phase = "train"
+        self._save_checkpoint()
+        log.info("federated statistics from %d sites", len(parts))
+
+    def _train_round(self, rnd: int) -> None:
+        self.state = State.COLLECTING
+        self._publish_status()
+        acc = FedAvgAccumulator(self.layout.size, self.kernels)
+        t_open = time.monotonic()
+        sent = self._broadcast(rnd, BodyKind.TASK, self.params.astype("<f4").tobytes(),
+                               self._task_meta())
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            report = _validated_report(m.meta)
+            if len(body) != self.layout.size * 4:
+                raise ProtocolError("bad_update_size", f"{len(body)} bytes")
+            update = np.frombuffer(body, dtype="<f4").astype(np.float32)
+            if not np.all(np.isfinite(update)):
+                raise ProtocolError("non_finite_update")
+            acc.add(update, float(report["n_samples"]))
+            report["bytes_received"] = len(body)
+            return report
+
+        outcome = self._collect(rnd, BodyKind.UPDATE, take)
+        self.state = State.AGGREGATING
+        self.params = acc.apply(self.params)
+        wall = time.monotonic() - t_open
+        slowest = max(r["train_seconds"] for r in outcome.reports.values())
+        record = {
+            "round": rnd,
+            "sites": sorted(outcome.reports),
+            "samples": int(acc.total_weight),
+            "train_loss": sum(r["train_loss"] * r["n_samples"] for r in outcome.reports.values())
+            / acc.total_weight,
+            # metrics of the model the sites received this round (the previous global model)
+            "eval_before": weighted_metrics(outcome.reports),
+            "per_site": {s: {"n_samples": r["n_samples"], "train_loss": r["train_loss"],
+                             "eval": r.get("eval")} for s, r in outcome.reports.items()},
+            "seconds": wall,
+            "slowest_train_s": slowest,
+            "overhead_s": wall - slowest,
+            "bytes_sent": sent,
+            "bytes_received": sum(r["bytes_received"] for r in outcome.reports.values()),
+        }
+        self.history.append(record)
+        self._save_checkpoint()
+        self.on_round(record)
+
+    def _task_meta(self) -> dict[str, Any]:
+        return {"layout": self.layout.to_dict(), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "rounds": self.plan.rounds}
+
+    def _evaluate_phase(self) -> dict[str, Any]:
+        rnd = self.plan.rounds + 1
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            return _validated_report(m.meta, train=False)
+
+        self._broadcast(rnd, BodyKind.EVALUATE, self.params.astype("<f4").tobytes(),
+                        self._task_meta())
+        outcome = self._collect(rnd, BodyKind.EVALUATION, take)
+        final = {"round": rnd, "sites": sorted(outcome.reports),
+                 "eval": weighted_metrics(outcome.reports),
+                 "per_site": {s: r.get("eval") for s, r in outcome.reports.items()}}
+        return final
+
+    def _finish(self, final: dict[str, Any] | None) -> None:
+        self.phase = "finished"
+        if final is not None:
+            self.history.append({"final": final})
+        self._save_checkpoint()
+        save_model(self.state_dir / "model", SavedModel(
+            layout=self.layout, params=self.params, columns=self.columns, mean=self.mean,
+            scale=self.scale, plan=self.plan_doc), extra={"run": self.run_id})
+        manifest = make_manifest(federation=self.fed, round=self.plan.rounds + 1,
+                                 sender="coordinator", body_kind=BodyKind.FINISHED, body=b"",
+                                 created=time.time(), meta={"run": self.run_id})
+        self.transport.publish(topics.coordinator_manifest(self.fed, self.plan.rounds + 1), b"",
+                               retain=True)
+        self.peer.send_body(topics.coordinator_control(self.fed), lambda k: "", manifest, b"",
+                            retain_manifest=True)
+        self.state = State.FINISHED
+        self._publish_status()
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the federation to the end; returns the final metrics record."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._load_checkpoint()
+        self.transport.connect()
+        try:
+            if self.phase != "finished":
+                # A new run replaces whatever an earlier federation left retained.
+                self.transport.publish(topics.coordinator_control(self.fed), b"", retain=True)
+            if self.phase == "stats":
+                self._stats_phase()
+            first = self.current_round + 1 if self.history else 1
+            for rnd in range(first, self.plan.rounds + 1):
+                self._train_round(rnd)
+            final = None
+            if self.phase != "finished":
+                final = self._evaluate_phase()
+                self._finish(final)
+            else:
+                self.state = State.FINISHED
+                self._publish_status()
+            return final or next((h["final"] for h in self.history if "final" in h), {})
+        finally:
+            self.transport.close(final=(topics.coordinator_status(self.fed), offline_status(
+                role="coordinator", identity=self.config.coordinator_id, federation=self.fed,
+                reason="stopped")) if self.state is not State.FINISHED else None)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validated_report(meta: dict[str, Any], *, train: bool = True) -> dict[str, Any]:
+    """Check a site's report before it touches any math (Flower lacks this check)."""
+    report: dict[str, Any] = {}
+    if train:
+        n = meta.get("n_samples")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_SAMPLES:
+            raise ProtocolError("bad_n_samples")
+        for key in ("train_loss", "train_seconds"):
+            if not _finite(meta.get(key)) or meta[key] < 0:
+                raise ProtocolError("bad_report", key)
+        report = {"n_samples": n, "train_loss": float(meta["train_loss"]),
+                  "train_seconds": float(meta["train_seconds"])}
+    ev = meta.get("eval")
+    if ev is not None:
+        if not isinstance(ev, dict) or not isinstance(ev.get("n"), int) or ev["n"] < 0:
+            raise ProtocolError("bad_report", "eval")
+        clean = {"n": ev["n"]}
+        for key in ("loss", "auc", "accuracy"):
+            value = ev.get(key)
+            if value is not None and not _finite(value):
+                raise ProtocolError("bad_report", f"eval.{key}")
+            clean[key] = float(value) if value is not None else None
+        report["eval"] = clean
+    return report

@@ -1,0 +1,267 @@
+"""The site role: answer the coordinator's tasks with statistics, updates and evaluations.
+
+Patient rows never leave this process: what goes out is column moments (counts, sums, sums of
+squares), parameter updates with their sample count, and aggregate held-out metrics.
+The plan arrives inside every task, so a site that joins late (or restarts) needs nothing but
+its config: the retained manifest of the current round tells it what to do, and the chunks it
+missed are asked for again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+import kernels as kernel_registry
+from agent.config import Plan, SiteConfig, plan_from_dict
+from agent.errors import DataError, FedsiloError, ProtocolError
+from agent.federation import topics
+from agent.federation.envelope import BodyKind, Manifest, make_manifest
+from agent.federation.peer import BodyReady, Peer
+from agent.federation.transport import Transport, Will
+from agent.ingest.tables import EncodedTable, load_table
+from agent.learn import metrics
+from agent.learn.layout import Layout
+from agent.learn.models import predict_proba
+from agent.learn.standardize import apply_standardization, local_moments
+from agent.learn.trainer import train_local
+from agent.ops.atomic import write_json_atomic
+from agent.ops.status import State, encode_status, offline_status, status_document
+
+log = logging.getLogger(__name__)
+
+MAX_TASK_BYTES = 256 << 20  # tightened against the model layout once issue 5 lands
+STATUS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """This site's encoded table split once, deterministically, into train and held-out rows."""
+
+    table: EncodedTable
+    train: np.ndarray  # row indices
+    holdout: np.ndarray
+
+
+def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(round(n * holdout_fraction)) if n >= 10 else 0
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+class Site:
+    def __init__(self, config: SiteConfig, *, backend: str = "auto",
+                 process_start: float | None = None) -> None:
+        self.config = config
+        self.fed = config.federation
+        self.site_id = config.site_id
+        self.kernels: ModuleType = kernel_registry.get_backend(backend)
+        self.process_start = process_start if process_start is not None else time.time()
+        self.stop_event = threading.Event()
+        self.state = State.STARTING
+        self.round: int | None = None
+        self.run_id: str | None = None
+        self.done: set[int] = set()
+        self.plan: Plan | None = None
+        self.data: LocalData | None = None
+        self.last_error: str | None = None
+        self.first_step_after_start_s: float | None = None
+        self.transport = Transport(
+            f"fedsilo-{self.fed}-site-{self.site_id}", config.broker,
+            will=Will(topics.site_status(self.fed, self.site_id),
+                      offline_status(role="site", identity=self.site_id, federation=self.fed,
+                                     reason="connection_lost")),
+            subscriptions=topics.site_subscriptions(self.fed, self.site_id))
+        self.peer = Peer(self.transport, self.fed, self.site_id, max_body=MAX_TASK_BYTES,
+                         accept=self._accept)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _accept(self, topic: topics.Topic) -> bool:
+        if topic.sender != "coordinator":
+            return False
+        return topic.kind != "req" or topic.site == self.site_id
+
+    def _status_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"rejected_messages": sum(self.peer.rejected.values()),
+                                 "bytes_sent": self.peer.bytes_sent,
+                                 "bytes_received": self.peer.bytes_received}
+        if self.data is not None:
+            extra["rows_read"] = self.data.table.rows_read
+            extra["rows_skipped"] = sum(self.data.table.skipped.values())
+            extra["train_rows"] = int(self.data.train.size)
+        if self.first_step_after_start_s is not None:
+            extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
+        return extra
+
+    def publish_status(self) -> None:
+        doc = status_document(role="site", identity=self.site_id, federation=self.fed,
+                              state=self.state, round=self.round, last_error=self.last_error,
+                              extra=self._status_extra())
+        self.transport.publish(topics.site_status(self.fed, self.site_id), encode_status(doc),
+                               retain=True)
+
+    def _reply(self, rnd: int, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> None:
+        self.state = State.UPLOADING
+        manifest = make_manifest(federation=self.fed, round=rnd, sender=self.site_id,
+                                 body_kind=kind, body=body, created=time.time(),
+                                 meta={"run": self.run_id, **meta})
+        self.peer.forget_sent_before(rnd)
+        self.peer.send_body(topics.site_manifest(self.fed, self.site_id, rnd),
+                            lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
+                            manifest, body)
+        self.done.add(rnd)
+        self.state = State.IDLE
+        self.publish_status()
+
+    # ------------------------------------------------------------------ data
+
+    def _ensure_data(self, plan: Plan) -> LocalData:
+        if self.data is not None and self.plan == plan:
+            return self.data
+        if self.config.data.table is None:
+            raise DataError(f"{self.config.source}: data.table is not set; this site has no "
+                            "clinical table to train on")
+        table = load_table(self.config.data.table, plan.features, plan.target, plan.missing,
+                           self.config.data.id_column)
+        if table.skipped:
+            log.warning("%s: skipped %d of %d rows: %s", self.config.data.table.name,
+                        sum(table.skipped.values()), table.rows_read,
+                        ", ".join(f"{k}={v}" for k, v in sorted(table.skipped.items())))
+        train, holdout = split_rows(table.x.shape[0], self.config.data.holdout_fraction,
+                                    self.config.data.split_seed)
+        if train.size == 0:
+            raise DataError(f"{self.config.data.table}: no usable rows")
+        self.plan = plan
+        self.data = LocalData(table=table, train=train, holdout=holdout)
+        return self.data
+
+    def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+        assert self.data is not None
+        idx = self.data.holdout
+        if idx.size == 0:
+            return {"n": 0, "loss": None, "auc": None, "accuracy": None}
+        y = self.data.table.y[idx]
+        p = predict_proba(layout, params, x[idx], self.kernels)
+        auc = metrics.roc_auc(y, p)
+        return {"n": int(idx.size), "loss": float(metrics.log_loss(y, p)),
+                "auc": None if not np.isfinite(auc) else float(auc),
+                "accuracy": float(metrics.accuracy(y, p))}
+
+    # ------------------------------------------------------------------ tasks
+
+    def _on_task(self, m: Manifest, body: bytes) -> None:
+        meta = m.meta
+        run = meta.get("run")
+        if not isinstance(run, str):
+            raise ProtocolError("bad_field", "run")
+        if run != self.run_id:
+            if self.run_id is not None:
+                log.info("coordinator started a new run; resetting round state")
+            self.run_id, self.done = run, set()
+        if m.round in self.done:
+            return  # a retained manifest seen again after reconnect: already answered
+        try:
+            plan = plan_from_dict(meta.get("plan"), "<plan from coordinator>")
+        except FedsiloError as exc:
+            raise ProtocolError("bad_plan", str(exc)) from None
+        if plan.federation != self.fed:
+            raise ProtocolError("foreign_federation", "plan")
+        if self.site_id not in plan.sites:
+            log.warning("this site is not listed in the plan of federation %s; idle", self.fed)
+            return
+        self.round = m.round
+        data = self._ensure_data(plan)
+        if m.body_kind is BodyKind.STATS_TASK:
+            self.state = State.STATS
+            moments = local_moments(data.table.x[data.train])
+            self._reply(m.round, BodyKind.STATS, moments.to_vector().astype("<f8").tobytes(),
+                        {"n_rows": int(data.train.size)})
+            return
+        layout = Layout.from_dict(meta.get("layout"))
+        mean = np.asarray(meta.get("mean"), dtype=np.float64)
+        scale = np.asarray(meta.get("scale"), dtype=np.float64)
+        width = data.table.x.shape[1]
+        if mean.shape != (width,) or scale.shape != (width,) or len(body) != layout.size * 4:
+            raise ProtocolError("task_shape_mismatch")
+        params = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        x = apply_standardization(data.table.x, mean, scale)
+        evaluation = self._evaluate(layout, params, x)
+        if m.body_kind is BodyKind.EVALUATE:
+            self._reply(m.round, BodyKind.EVALUATION, b"", {"eval": evaluation})
+            return
+        self.state = State.TRAINING
+        self.publish_status()
+        result = train_local(layout, params, x[data.train], data.table.y[data.train],
+                             plan.training, seed=plan.seed * 100_003 + m.round,
+                             kernels=self.kernels, first_step_callback=self._first_step)
+        delta = (result.params - params).astype("<f4")
+        self._reply(m.round, BodyKind.UPDATE, delta.tobytes(), {
+            "n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
+            "train_seconds": float(result.seconds), "eval": evaluation})
+        self._save_state()
+
+    def _first_step(self) -> None:
+        if self.first_step_after_start_s is None:
+            self.first_step_after_start_s = time.time() - self.process_start
+            log.info("first training step %.2f s after process start",
+                     self.first_step_after_start_s)
+
+    def _save_state(self) -> None:
+        write_json_atomic(self.config.state_dir / "site-state.json",
+                          {"federation": self.fed, "run": self.run_id,
+                           "rounds_done": sorted(self.done)})
+
+    # ------------------------------------------------------------------ main loop
+
+    def _handle(self, event: BodyReady) -> bool:
+        """Handle one complete body from the coordinator; True when the federation finished."""
+        m = event.manifest
+        if event.topic.kind == "control":
+            if m.body_kind is BodyKind.FINISHED:
+                log.info("federation %s finished", self.fed)
+                return True
+            return False
+        try:
+            if m.body_kind not in (BodyKind.STATS_TASK, BodyKind.TASK, BodyKind.EVALUATE):
+                raise ProtocolError("wrong_body_kind", m.body_kind.value)
+            self._on_task(m, event.body)
+        except ProtocolError as exc:
+            self.peer.rejected[exc.reason] += 1
+            log.warning("rejected task for round %d: %s", m.round, exc)
+        except DataError as exc:
+            self.last_error = "data_error"
+            self.state = State.ERROR
+            log.error("%s", exc)
+            self.publish_status()
+        return False
+
+    def run(self, *, exit_when_finished: bool = True) -> int:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.transport.connect()
+        self.state = State.IDLE
+        self.publish_status()
+        last_status = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                for event in self.peer.poll(0.1):
+                    if isinstance(event, BodyReady) and self._handle(event):
+                        self.state = State.FINISHED
+                        self.publish_status()
+                        if exit_when_finished:
+                            return 0
+                self.peer.request_missing(lambda _m: topics.site_req(self.fed, self.site_id))
+                if time.monotonic() - last_status >= STATUS_EVERY_S:
+                    self.publish_status()
+                    last_status = time.monotonic()
+            return 0
+        finally:
+            self.transport.close(final=(topics.site_status(self.fed, self.site_id),
+                                        offline_status(role="site", identity=self.site_id,
+                                                       federation=self.fed, reason="stopped")))

@@ -1,0 +1,191 @@
+"""Config and plan validation: every kind of mistake names file, key and problem (exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import (
+    check_file,
+    load_coordinator_config,
+    load_plan,
+    load_site_config,
+    plan_from_dict,
+    plan_to_toml_dict,
+)
+from agent.errors import ConfigError
+
+PLAN = """
+[federation]
+id = "stroke-test"
+sites = ["north", "south", "east"]
+rounds = 5
+min_sites = 2
+round_deadline_s = 30
+
+[target]
+column = "good_outcome"
+
+[[features]]
+name = "age"
+type = "numeric"
+
+[[features]]
+name = "sex"
+type = "categorical"
+levels = ["female", "male"]
+
+[data]
+missing = "mean"
+
+[model]
+kind = "mlp"
+hidden = [8, 4]
+
+[training]
+local_epochs = 2
+batch_size = 16
+learning_rate = 0.1
+optimizer = "adam"
+"""
+
+SITE = """
+[site]
+id = "north"
+federation = "stroke-test"
+state_dir = "state"
+
+[broker]
+host = "127.0.0.1"
+port = 1883
+
+[data]
+table = "clinical.csv"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "f.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_valid_plan_loads_into_frozen_objects(tmp_path):
+    plan = load_plan(write(tmp_path, PLAN))
+    assert plan.sites == ("north", "south", "east")
+    assert plan.features[1].levels == ("female", "male")
+    assert plan.model.hidden == (8, 4)
+    assert plan.training.optimizer == "adam" and plan.training.local_epochs == 2
+    with pytest.raises(AttributeError):
+        plan.rounds = 9  # type: ignore[misc]
+
+
+def test_plan_round_trips_through_its_wire_form(tmp_path):
+    plan = load_plan(write(tmp_path, PLAN))
+    again = plan_from_dict(plan_to_toml_dict(plan))
+    assert again.to_dict() == plan.to_dict()
+
+
+def test_site_config_resolves_paths_relative_to_the_file(tmp_path):
+    cfg = load_site_config(write(tmp_path, SITE))
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.data.table == tmp_path / "clinical.csv"
+    assert cfg.broker.port == 1883 and cfg.broker.tls is None
+
+
+def test_coordinator_config(tmp_path):
+    cfg = load_coordinator_config(write(tmp_path, '[coordinator]\nstate_dir = "/var/x"\n'))
+    assert str(cfg.state_dir) == "/var/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (PLAN.replace('rounds = 5', 'rounds = "five"'), "federation.rounds", "must be an integer"),
+        (PLAN.replace('rounds = 5\n', ''), "federation.rounds", "required"),
+        (PLAN.replace('"east"]', '"East/1"]'), "federation.sites", "not a valid site id"),
+        (PLAN.replace('min_sites = 2', 'min_sites = 7'), "federation.min_sites", "only 3"),
+        (PLAN.replace('type = "numeric"', 'type = "number"'), "features[0].type", "one of"),
+        (PLAN.replace('levels = ["female", "male"]', 'levels = ["x"]'), "features[1].levels",
+         "at least two"),
+        (PLAN.replace('name = "sex"', 'name = "age"'), "features[1].name", "duplicate"),
+        (PLAN.replace('column = "good_outcome"', 'column = "age"'), "target.column",
+         "also listed"),
+        (PLAN.replace('kind = "mlp"', 'kind = "forest"'), "model.kind", "one of"),
+        (PLAN.replace('hidden = [8, 4]', 'hidden = [8, 0]'), "model.hidden", "between"),
+        (PLAN.replace('learning_rate = 0.1', 'learning_rate = -1.0'), "training.learning_rate",
+         ">="),
+        (PLAN.replace('optimizer = "adam"', 'optimizer = "lbfgs"'), "training.optimizer",
+         "one of"),
+        (PLAN.replace('missing = "mean"', 'missing = "zero"'), "data.missing", "one of"),
+        (PLAN + "\n[extra]\nx = 1\n", "extra", "unknown key"),
+        (PLAN.replace('batch_size = 16', 'batch_size = true'), "training.batch_size",
+         "boolean"),
+    ],
+)
+def test_plan_errors_name_key_and_problem(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_plan(path)
+    assert info.value.file == str(path)
+    assert info.value.key == key
+    assert problem in info.value.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (SITE.replace('id = "north"', 'id = "North Site"'), "site.id", "not a valid site id"),
+        (SITE.replace('state_dir = "state"\n', ''), "site.state_dir", "required"),
+        (SITE.replace('port = 1883', 'port = 70000'), "broker.port", "<= 65535"),
+        (SITE.replace('table = "clinical.csv"', 'table = "clinical.xlsx"'), "data.table",
+         ".csv or .parquet"),
+        (SITE + '\n[broker.tls]\nca = "missing-ca.crt"\ncert = "c"\nkey = "k"\n', "broker.tls.ca",
+         "does not exist"),
+    ],
+)
+def test_site_config_errors(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as info:
+        load_site_config(write(tmp_path, text))
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_unreadable_and_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        check_file(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        check_file(write(tmp_path, "[site\nid = 1"))
+    with pytest.raises(ConfigError, match="not a fedsilo file"):
+        check_file(write(tmp_path, "[other]\nx = 1\n"))
+
+
+def test_check_file_detects_each_kind(tmp_path):
+    assert check_file(write(tmp_path, PLAN, "plan.toml")) == "plan"
+    assert check_file(write(tmp_path, SITE, "site.toml")) == "site"
+    assert check_file(write(tmp_path, '[coordinator]\nstate_dir = "s"\n', "c.toml")) == \
+        "coordinator"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_config_check_exit_codes(tmp_path):
+    good = run_cli("config", "check", str(write(tmp_path, PLAN, "plan.toml")))
+    assert good.returncode == 0, good.stderr
+    assert "valid plan" in good.stdout
+    bad = run_cli("config", "check", str(write(tmp_path, PLAN.replace("rounds = 5", "rounds = 0"),
+                                                "bad.toml")))
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1, bad.stderr  # one line, no traceback
+    assert "bad.toml: federation.rounds: must be >= 1" in lines[0]
+
+
+def test_cli_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("fedsilo ")

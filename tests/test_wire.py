@@ -1,0 +1,194 @@
+"""Envelope, manifests, topics and reassembly: the wire rules of PROTOCOL.md without a broker."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import ProtocolError
+from agent.federation import envelope, topics
+from agent.federation.envelope import BodyKind, make_manifest, parse_manifest
+from agent.federation.reassembly import Reassembler
+from agent.federation.transport import backoff_delay
+
+
+def manifest_for(body: bytes, chunk_size: int = 1000, rnd: int = 3, sender: str = "north"):
+    return make_manifest(federation="fed", round=rnd, sender=sender, body_kind=BodyKind.UPDATE,
+                         body=body, created=1.5, meta={"n_samples": 7}, chunk_size=chunk_size)
+
+
+def test_envelope_round_trip_is_byte_exact():
+    payload = envelope.encode({"kind": "chunk", "x": 1}, b"\x00\x01body")
+    assert payload[:4] == b"FSLO" and payload[4] == envelope.PROTOCOL_MAJOR
+    env = envelope.decode(payload, max_body=100)
+    assert env.header == {"kind": "chunk", "x": 1}
+    assert env.body == b"\x00\x01body"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"FS", "too_short"),
+        (b"XXXX" + bytes(6), "bad_magic"),
+        (struct.pack(">4sBBI", b"FSLO", 9, 0, 2) + b"{}", "unsupported_version"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 50) + b"{}", "truncated_header"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 10**9), "header_too_large"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 3) + b"{x}", "bad_header_json"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 2) + b"[]", "bad_header"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 15) + b'{"kind":"evil"}', "unknown_kind"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 16) + b'{"kind":"chunk"}' + bytes(101),
+         "body_too_large"),
+        (struct.pack(">4sBBI", b"FSLO", 1, 0, 24) + b'{"kind":"chunk","v":NaN}',
+         "bad_header_json"),
+    ],
+)
+def test_decode_rejects_with_reason(payload, reason):
+    with pytest.raises(ProtocolError) as info:
+        envelope.decode(payload, max_body=100)
+    assert info.value.reason == reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_never_raises_anything_but_protocol_error(data):
+    for payload in (data, b"FSLO\x01\x00" + data):
+        try:
+            env = envelope.decode(payload, max_body=1000)
+        except ProtocolError:
+            continue
+        assert isinstance(env.header, dict)
+
+
+def test_manifest_round_trip_and_size_caps():
+    body = os.urandom(2500)
+    m = manifest_for(body)
+    assert m.n_chunks == 3 and m.chunk_span(2) == (2000, 2500)
+    again = parse_manifest(envelope.decode(envelope.encode(m.header()), max_body=0).header,
+                           max_body=10_000)
+    assert again == m
+    with pytest.raises(ProtocolError, match="body_len"):
+        parse_manifest(m.header(), max_body=2000)  # declared size over the cap: refused early
+    bad = m.header() | {"chunk_digests": m.header()["chunk_digests"][:2]}
+    with pytest.raises(ProtocolError, match="chunk_digests"):
+        parse_manifest(bad, max_body=10_000)
+    with pytest.raises(ProtocolError, match="body_kind"):
+        parse_manifest(m.header() | {"body_kind": "pickle"}, max_body=10_000)
+
+
+def chunks_of(m, body):
+    out = []
+    for index, payload in envelope.iter_chunks(m, body):
+        env = envelope.decode(payload, max_body=envelope.MAX_CHUNK_BYTES)
+        _f, rnd, sender, digest, idx = envelope.parse_chunk_header(env.header)
+        assert idx == index
+        out.append((sender, rnd, digest, idx, env.body))
+    return out
+
+
+def test_reassembly_any_order_with_duplicates_and_early_chunks():
+    body = os.urandom(5500)
+    m = manifest_for(body)
+    parts = chunks_of(m, body)
+    r = Reassembler()
+    rng = random.Random(1)
+    shuffled = parts + parts[:3]
+    rng.shuffle(shuffled)
+    early, late = shuffled[:2], shuffled[2:]
+    for p in early:  # chunks before their manifest are parked, not lost
+        assert r.add_chunk(*p, now=0.0) is None
+    done = r.add_manifest(m, 0.0)
+    for p in late:
+        result = r.add_chunk(*p, now=0.0)
+        done = done or result
+    assert done is not None and done.body == body and done.manifest == m
+    # Everything after completion is an idempotent no-op.
+    assert r.add_manifest(m, 1.0) is None
+    assert r.add_chunk(*parts[0], now=1.0) is None
+    assert r.pending_count() == 0
+
+
+def test_reassembly_rejects_tampered_chunks_and_lists_missing():
+    body = os.urandom(3000)
+    m = manifest_for(body)
+    parts = chunks_of(m, body)
+    r = Reassembler()
+    r.add_manifest(m, now=0.0)
+    sender, rnd, digest, idx, data = parts[1]
+    with pytest.raises(ProtocolError) as info:
+        r.add_chunk(sender, rnd, digest, idx, bytes([data[0] ^ 1]) + data[1:], now=0.0)
+    assert info.value.reason == "chunk_digest_mismatch"
+    with pytest.raises(ProtocolError, match="bad_chunk_size"):
+        r.add_chunk(sender, rnd, digest, idx, data[:-1], now=0.0)
+    r.add_chunk(*parts[0], now=0.5)
+    assert r.due_requests(now=1.0, after_s=2.0) == []
+    due = r.due_requests(now=3.0, after_s=2.0)
+    assert [(d[0].round, d[1]) for d in due] == [(3, [1, 2])]
+    assert r.due_requests(now=3.5, after_s=2.0) == []  # not asked again at once
+    r.forget_rounds_before(4)
+    assert r.pending_count() == 0
+
+
+def test_reassembly_bounds_pending_and_orphans():
+    r = Reassembler(max_pending=2, max_orphan_bytes=100)
+    for i in range(2):
+        r.add_manifest(manifest_for(os.urandom(10), sender=f"s{i}"), 0.0)
+    with pytest.raises(ProtocolError, match="too_many_pending"):
+        r.add_manifest(manifest_for(os.urandom(10), sender="s9"), 0.0)
+    r.add_chunk("x", 1, "a" * 64, 0, bytes(80), now=0.0)
+    with pytest.raises(ProtocolError, match="orphan_budget"):
+        r.add_chunk("x", 1, "a" * 64, 1, bytes(80), now=0.0)
+
+
+def test_empty_body_completes_on_manifest():
+    m = manifest_for(b"")
+    done = Reassembler().add_manifest(m, 0.0)
+    assert done is not None and done.body == b"" and m.n_chunks == 0
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("fedsilo/v1/fed/coordinator/status", ("coordinator", "status", None, None, None)),
+        ("fedsilo/v1/fed/coordinator/round/12/manifest", ("coordinator", "manifest", 12, None,
+                                                          None)),
+        ("fedsilo/v1/fed/coordinator/round/12/chunk/3", ("coordinator", "chunk", 12, 3, None)),
+        ("fedsilo/v1/fed/coordinator/req/north", ("coordinator", "req", None, None, "north")),
+        ("fedsilo/v1/fed/site/north/update/2/chunk/0", ("north", "chunk", 2, 0, "north")),
+        ("fedsilo/v1/fed/site/north/status", ("north", "status", None, None, "north")),
+        ("fedsilo/v1/fed/site/north/req", ("north", "req", None, None, "north")),
+    ],
+)
+def test_topic_parse_table(topic, expected):
+    t = topics.parse(topic)
+    assert t is not None and (t.sender, t.kind, t.round, t.index, t.site) == expected
+
+
+@pytest.mark.parametrize("topic", [
+    "fedsilo/v2/fed/coordinator/status", "other/v1/fed/coordinator/status",
+    "fedsilo/v1/fed/site/North/status", "fedsilo/v1/fed/site/north/update/-1/manifest",
+    "fedsilo/v1/fed/coordinator/round/x/manifest", "fedsilo/v1/fed/site/north/update/1/chunk",
+    "fedsilo/v1/Fed!/coordinator/status", "fedsilo/v1/fed/coordinator/round/1/manifest/extra",
+])
+def test_topic_parse_refuses_anything_else(topic):
+    assert topics.parse(topic) is None
+
+
+def test_builders_and_parser_agree():
+    assert topics.parse(topics.site_chunk("fed", "a-1", 4, 9)) == topics.Topic(
+        "fed", "a-1", "chunk", round=4, index=9, site="a-1")
+    assert topics.parse(topics.coordinator_manifest("fed", 0)).round == 0
+
+
+def test_backoff_is_capped_full_jitter():
+    rng = random.Random(0)
+    delays = [backoff_delay(a, 0.5, 30.0, rng) for a in range(40) for _ in range(20)]
+    assert all(0.0 <= d <= 30.0 for d in delays)
+    early = [backoff_delay(0, 0.5, 30.0, rng) for _ in range(200)]
+    assert max(early) <= 0.5 and min(early) < 0.1  # jitter spreads from zero
+    late = [backoff_delay(20, 0.5, 30.0, rng) for _ in range(200)]
+    assert max(late) > 25.0  # reaches the cap, never beyond
