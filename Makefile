@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything they need is
+# installed from here (a .venv from pyproject.toml, and the Debian package mosquitto).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
+
+.PHONY: demo test lint bench mosquitto warm clean
+
+$(VENV)/.stamp-run: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-run
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+mosquitto:
+	@bash packaging/ensure-mosquitto.sh
+
+warm: $(VENV)/.stamp-run
+	$(VENV)/bin/fedsilo warm-cache
+
+demo: $(VENV)/.stamp-run mosquitto warm
+	$(VENV)/bin/fedsilo demo
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.stamp-test mosquitto lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.stamp-test mosquitto warm
+	$(PY) benchmarks/bench_federation.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache demo-out
