@@ -1,0 +1,105 @@
+"""Local training for one federated round: a few epochs of mini-batch SGD or Adam.
+
+Standard FedAvg: optimizer state starts fresh each call and only the new parameters leave this
+function. Pure apart from the wall-clock measurement: the same seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from agent.config import TrainingSpec
+from agent.learn.layout import Layout
+from agent.learn.models import loss_and_grad
+
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run produced (params is a new array; the input is untouched)."""
+
+    params: np.ndarray
+    n_samples: int
+    mean_loss: float  # sample-weighted mean of the batch losses of the last epoch
+    steps: int
+    seconds: float
+
+
+def _check_inputs(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  training: TrainingSpec) -> None:
+    for name, a in (("params", params), ("x", x), ("y", y)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            raise TypeError(f"{name} must be a float32 array")
+    if params.shape != (layout.size,):
+        raise ValueError(f"params must have shape ({layout.size},), got {params.shape}")
+    if x.ndim != 2 or x.shape[1] != layout.n_inputs or x.shape[0] < 1:
+        raise ValueError(f"x must have shape (n >= 1, {layout.n_inputs}), got {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    if training.local_epochs < 1 or training.batch_size < 1:
+        raise ValueError("local_epochs and batch_size must be at least 1")
+    if training.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"unknown optimizer {training.optimizer!r}")
+
+
+def _make_step(training: TrainingSpec, size: int,
+               kernels: ModuleType) -> Callable[[np.ndarray, np.ndarray], None]:
+    """An in-place optimizer step with its own fresh state."""
+    lr, wd = training.learning_rate, training.weight_decay
+    if training.optimizer == "sgd":
+        velocity = np.zeros(size, dtype=np.float32)
+
+        def sgd(params: np.ndarray, grad: np.ndarray) -> None:
+            kernels.sgd_momentum_step(params, grad, velocity, lr, training.momentum, wd)
+
+        return sgd
+    m = np.zeros(size, dtype=np.float32)
+    v = np.zeros(size, dtype=np.float32)
+    t = 0
+
+    def adam(params: np.ndarray, grad: np.ndarray) -> None:
+        nonlocal t
+        t += 1
+        kernels.adam_step(params, grad, m, v, lr, ADAM_BETA1, ADAM_BETA2, ADAM_EPS, t, wd)
+
+    return adam
+
+
+def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
+                training: TrainingSpec, *, seed: int, kernels: ModuleType,
+                first_step_callback: Callable[[], None] | None = None) -> TrainResult:
+    """Train from `params` on (x, y) for `training.local_epochs` epochs of shuffled batches.
+
+    `first_step_callback` runs once right after the first optimizer step, so the daemon can
+    measure "process start to first training step" (JIT and data loading included).
+    """
+    _check_inputs(layout, params, x, y, training)
+    start = time.perf_counter()
+    p = np.array(params, dtype=np.float32, copy=True, order="C")
+    step = _make_step(training, layout.size, kernels)
+    rng = np.random.default_rng(seed)
+    n, bs = x.shape[0], training.batch_size
+    steps = 0
+    mean_loss = float("nan")
+    for _epoch in range(training.local_epochs):
+        order = rng.permutation(n)
+        total = 0.0
+        for lo in range(0, n, bs):
+            idx = order[lo:lo + bs]
+            loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels)
+            step(p, grad)
+            steps += 1
+            if steps == 1 and first_step_callback is not None:
+                first_step_callback()
+            total += loss * idx.size
+        mean_loss = total / n
+    return TrainResult(params=p, n_samples=n, mean_loss=mean_loss, steps=steps,
+                       seconds=time.perf_counter() - start)
