@@ -1,0 +1,21 @@
+"""Shared fixtures: a real Mosquitto per test on a free loopback port with its own config."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from agent.federation.broker import MOSQUITTO_HINT, LocalMosquitto, find_mosquitto
+
+
+@pytest.fixture
+def mosquitto():
+    if find_mosquitto() is None:
+        pytest.fail(MOSQUITTO_HINT)  # `make test` installs it; a missing broker is a failure
+    broker = LocalMosquitto().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(broker.workdir, ignore_errors=True)
