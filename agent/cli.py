@@ -47,12 +47,17 @@ def _cmd_site_run(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator_run(args: argparse.Namespace) -> int:
     from agent.config import load_coordinator_config, load_plan
-    from agent.federation.coordinator import Coordinator
+    from agent.federation.coordinator import Coordinator, Stopped
 
     coordinator = Coordinator(load_coordinator_config(args.config), load_plan(args.plan),
                               backend=args.backend)
     _stop_on_signals(coordinator.stop_event)
-    final = coordinator.run()
+    try:
+        final = coordinator.run()
+    except Stopped:
+        print(f"coordinator stopped in round {coordinator.current_round}; state saved in "
+              f"{coordinator.state_dir}, run again to resume", file=sys.stderr)
+        return 0
     ev = final.get("eval", {})
     print(f"federation {coordinator.fed} finished: held-out AUC {ev.get('auc', float('nan')):.3f}"
           f" over {int(ev.get('n', 0))} patients; model in {coordinator.state_dir / 'model'}")

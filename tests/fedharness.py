@@ -3,6 +3,7 @@ coordinator in a thread of the test process, all against a real Mosquitto."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -11,9 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sklearn.datasets import load_breast_cancer
+from sklearn.model_selection import train_test_split
 from tomli_w import dumps
 
-from agent.config import BrokerConfig, CoordinatorConfig, Plan
+from agent.config import BrokerConfig, CoordinatorConfig, FeatureSpec, Plan
 from agent.federation.coordinator import Coordinator
 
 
@@ -77,3 +81,29 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> list[
             p.terminate()
             codes.append(p.wait(timeout=10))
     return codes
+
+
+def breast_cancer_sites(directory: Path, n_sites: int = 3, seed: int = 0):
+    """sklearn's bundled breast-cancer data (real measurements) split with label skew."""
+    data = load_breast_cancer()
+    names = [f"f{i:02d}" for i in range(data.data.shape[1])]
+    x_tr, x_te, y_tr, y_te = train_test_split(data.data, data.target, test_size=0.3,
+                                              stratify=data.target, random_state=seed)
+    rng = np.random.default_rng(seed)
+    skew = {1: [0.6, 0.3, 0.1], 0: [0.15, 0.35, 0.5]}
+    owner = np.array([rng.choice(n_sites, p=skew[int(y)]) for y in y_tr])
+
+    def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([*names, "label"])
+            for row, label in zip(x, y, strict=True):
+                w.writerow([*(f"{v:.6g}" for v in row), int(label)])
+        return path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tables = [write(directory / f"site{i}.csv", x_tr[owner == i], y_tr[owner == i])
+              for i in range(n_sites)]
+    test = write(directory / "test.csv", x_te, y_te)
+    features = tuple(FeatureSpec(n, "numeric") for n in names)
+    return tables, test, features

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import threading
@@ -12,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from sklearn.datasets import load_breast_cancer
-from sklearn.model_selection import train_test_split
 
 import kernels
-from agent.config import FeatureSpec, ModelSpec, Plan, TrainingSpec
+from agent.config import ModelSpec, Plan, TrainingSpec
 from agent.demo.baselines import score_alone_and_pooled
 from agent.federation import envelope, topics
 from agent.ingest.tables import load_table
@@ -24,37 +21,17 @@ from agent.learn import metrics
 from agent.learn.modelfile import load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
-from tests.fedharness import CoordinatorThread, start_site, stop_all, write_site_config
+from tests.fedharness import (
+    CoordinatorThread,
+    breast_cancer_sites,
+    start_site,
+    stop_all,
+    write_site_config,
+)
 
 pytestmark = pytest.mark.integration
 
 FED = "bc-test"
-
-
-def breast_cancer_sites(directory: Path, n_sites: int = 3, seed: int = 0):
-    """sklearn's bundled breast-cancer data (real measurements) split with label skew."""
-    data = load_breast_cancer()
-    names = [f"f{i:02d}" for i in range(data.data.shape[1])]
-    x_tr, x_te, y_tr, y_te = train_test_split(data.data, data.target, test_size=0.3,
-                                              stratify=data.target, random_state=seed)
-    rng = np.random.default_rng(seed)
-    skew = {1: [0.6, 0.3, 0.1], 0: [0.15, 0.35, 0.5]}
-    owner = np.array([rng.choice(n_sites, p=skew[int(y)]) for y in y_tr])
-
-    def write(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow([*names, "label"])
-            for row, label in zip(x, y, strict=True):
-                w.writerow([*(f"{v:.6g}" for v in row), int(label)])
-        return path
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tables = [write(directory / f"site{i}.csv", x_tr[owner == i], y_tr[owner == i])
-              for i in range(n_sites)]
-    test = write(directory / "test.csv", x_te, y_te)
-    features = tuple(FeatureSpec(n, "numeric") for n in names)
-    return tables, test, features
 
 
 def plan_for(features, sites, *, rounds=12, min_sites=None, deadline=20.0) -> Plan:

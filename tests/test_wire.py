@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -84,9 +85,9 @@ def chunks_of(m, body):
     out = []
     for index, payload in envelope.iter_chunks(m, body):
         env = envelope.decode(payload, max_body=envelope.MAX_CHUNK_BYTES)
-        _f, rnd, sender, digest, idx = envelope.parse_chunk_header(env.header)
-        assert idx == index
-        out.append((sender, rnd, digest, idx, env.body))
+        ref = envelope.parse_chunk_header(env.header)
+        assert ref.index == index and ref.nonce == m.nonce
+        out.append((ref, env.body))
     return out
 
 
@@ -118,16 +119,22 @@ def test_reassembly_rejects_tampered_chunks_and_lists_missing():
     parts = chunks_of(m, body)
     r = Reassembler()
     r.add_manifest(m, now=0.0)
-    sender, rnd, digest, idx, data = parts[1]
+    ref, data = parts[1]
     with pytest.raises(ProtocolError) as info:
-        r.add_chunk(sender, rnd, digest, idx, bytes([data[0] ^ 1]) + data[1:], now=0.0)
+        r.add_chunk(ref, bytes([data[0] ^ 1]) + data[1:], now=0.0)
     assert info.value.reason == "chunk_digest_mismatch"
     with pytest.raises(ProtocolError, match="bad_chunk_size"):
-        r.add_chunk(sender, rnd, digest, idx, data[:-1], now=0.0)
+        r.add_chunk(ref, data[:-1], now=0.0)
     r.add_chunk(*parts[0], now=0.5)
+    # The same body under a new manifest (a re-opened round) is collected anew.
+    again = replace(m, nonce="f" * 32)
+    assert r.add_manifest(again, now=0.5) is None and r.pending_count() == 2
+    r.forget_rounds_before(3)
+    assert r.pending_count() == 2
     assert r.due_requests(now=1.0, after_s=2.0) == []
     due = r.due_requests(now=3.0, after_s=2.0)
-    assert [(d[0].round, d[1]) for d in due] == [(3, [1, 2])]
+    assert sorted((d[0].nonce == m.nonce, d[1]) for d in due) == [(False, [0, 1, 2]),
+                                                                   (True, [1, 2])]
     assert r.due_requests(now=3.5, after_s=2.0) == []  # not asked again at once
     r.forget_rounds_before(4)
     assert r.pending_count() == 0
@@ -139,9 +146,10 @@ def test_reassembly_bounds_pending_and_orphans():
         r.add_manifest(manifest_for(os.urandom(10), sender=f"s{i}"), 0.0)
     with pytest.raises(ProtocolError, match="too_many_pending"):
         r.add_manifest(manifest_for(os.urandom(10), sender="s9"), 0.0)
-    r.add_chunk("x", 1, "a" * 64, 0, bytes(80), now=0.0)
+    ref = envelope.ChunkRef("fed", 1, "x", "a" * 64, "n", 0)
+    r.add_chunk(ref, bytes(80), now=0.0)
     with pytest.raises(ProtocolError, match="orphan_budget"):
-        r.add_chunk("x", 1, "a" * 64, 1, bytes(80), now=0.0)
+        r.add_chunk(replace(ref, index=1), bytes(80), now=0.0)
 
 
 def test_empty_body_completes_on_manifest():

@@ -173,7 +173,7 @@ def iter_chunks(manifest: Manifest, body: bytes) -> Iterator[tuple[int, bytes]]:
 def chunk_header(manifest: Manifest, index: int) -> dict[str, Any]:
     return {"kind": MessageKind.CHUNK.value, "federation": manifest.federation,
             "round": manifest.round, "sender": manifest.sender,
-            "body_digest": manifest.body_digest, "index": index}
+            "body_digest": manifest.body_digest, "nonce": manifest.nonce, "index": index}
 
 
 def resend_header(*, federation: str, round: int, sender: str, body_digest: str,
@@ -230,12 +230,25 @@ def parse_manifest(h: dict[str, Any], *, max_body: int) -> Manifest:
         nonce=_str_field(h, "nonce", 128), created=float(created), meta=meta)
 
 
-def parse_chunk_header(h: dict[str, Any]) -> tuple[str, int, str, str, int]:
-    """(federation, round, sender, body_digest, index) of a chunk, validated."""
+@dataclass(frozen=True)
+class ChunkRef:
+    """Which body a chunk belongs to. The manifest's nonce is part of the key, so a round the
+    coordinator re-opens after a restart (same parameters, new manifest) is a new body."""
+
+    federation: str
+    round: int
+    sender: str
+    body_digest: str
+    nonce: str
+    index: int
+
+
+def parse_chunk_header(h: dict[str, Any]) -> ChunkRef:
     if not _is_digest(h.get("body_digest")):
         raise ProtocolError("bad_field", "body_digest must be sha256 hex")
-    return (_str_field(h, "federation"), _int_field(h, "round", 0, 10**9),
-            _str_field(h, "sender"), h["body_digest"], _int_field(h, "index", 0, 10**7))
+    return ChunkRef(_str_field(h, "federation"), _int_field(h, "round", 0, 10**9),
+                    _str_field(h, "sender"), h["body_digest"], _str_field(h, "nonce", 128),
+                    _int_field(h, "index", 0, 10**7))
 
 
 def parse_resend(h: dict[str, Any]) -> tuple[str, int, str, str, list[int]]:

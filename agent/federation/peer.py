@@ -174,10 +174,10 @@ class Peer:
         else:
             if topic.kind != "chunk":
                 raise ProtocolError("kind_topic_mismatch")
-            _fed, rnd, sender, digest, index = envelope.parse_chunk_header(header)
-            if rnd != topic.round or index != topic.index:
+            ref = envelope.parse_chunk_header(header)
+            if ref.round != topic.round or ref.index != topic.index:
                 raise ProtocolError("round_topic_mismatch")
-            done = self.reassembler.add_chunk(sender, rnd, digest, index, env.body, now)
+            done = self.reassembler.add_chunk(ref, env.body, now)
         if done is None:
             return None
         return BodyReady(topic=topic, manifest=done.manifest, body=done.body)

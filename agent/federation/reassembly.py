@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.errors import ProtocolError
-from agent.federation.envelope import Manifest, sha256_hex
+from agent.federation.envelope import ChunkRef, Manifest, sha256_hex
 
-Key = tuple[str, int, str]  # (sender, round, body_digest)
+Key = tuple[str, int, str, str]  # (sender, round, body_digest, manifest nonce)
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Reassembler:
 
     @staticmethod
     def key_of(m: Manifest) -> Key:
-        return (m.sender, m.round, m.body_digest)
+        return (m.sender, m.round, m.body_digest, m.nonce)
 
     def pending_count(self) -> int:
         return len(self._pending)
@@ -65,9 +65,9 @@ class Reassembler:
                 continue  # a bad early chunk is simply asked for again later
         return self._finish_if_complete(key, p)
 
-    def add_chunk(self, sender: str, rnd: int, digest: str, index: int, data: bytes,
-                  now: float) -> Completed | None:
-        key = (sender, rnd, digest)
+    def add_chunk(self, ref: ChunkRef, data: bytes, now: float) -> Completed | None:
+        key = (ref.sender, ref.round, ref.body_digest, ref.nonce)
+        index = ref.index
         if key in self._done:
             return None  # duplicate of a finished body
         p = self._pending.get(key)

@@ -9,10 +9,12 @@ missed are asked for again.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -67,7 +69,7 @@ class Site:
         self.state = State.STARTING
         self.round: int | None = None
         self.run_id: str | None = None
-        self.done: set[int] = set()
+        self.answered: set[tuple[int, str]] = set()  # (round, manifest nonce)
         self.plan: Plan | None = None
         self.data: LocalData | None = None
         self.last_error: str | None = None
@@ -107,7 +109,8 @@ class Site:
         self.transport.publish(topics.site_status(self.fed, self.site_id), encode_status(doc),
                                retain=True)
 
-    def _reply(self, rnd: int, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> None:
+    def _reply(self, task: Manifest, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> None:
+        rnd = task.round
         self.state = State.UPLOADING
         manifest = make_manifest(federation=self.fed, round=rnd, sender=self.site_id,
                                  body_kind=kind, body=body, created=time.time(),
@@ -116,7 +119,8 @@ class Site:
         self.peer.send_body(topics.site_manifest(self.fed, self.site_id, rnd),
                             lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
                             manifest, body)
-        self.done.add(rnd)
+        self.answered.add((rnd, task.nonce))
+        self._save_state()
         self.state = State.IDLE
         self.publish_status()
 
@@ -164,9 +168,11 @@ class Site:
         if run != self.run_id:
             if self.run_id is not None:
                 log.info("coordinator started a new run; resetting round state")
-            self.run_id, self.done = run, set()
-        if m.round in self.done:
+            self.run_id, self.answered = run, set()
+        if (m.round, m.nonce) in self.answered:
             return  # a retained manifest seen again after reconnect: already answered
+        # A new manifest for a round we answered means the coordinator re-opened it
+        # (it restarted mid-round): answer again.
         try:
             plan = plan_from_dict(meta.get("plan"), "<plan from coordinator>")
         except FedsiloError as exc:
@@ -181,7 +187,7 @@ class Site:
         if m.body_kind is BodyKind.STATS_TASK:
             self.state = State.STATS
             moments = local_moments(data.table.x[data.train])
-            self._reply(m.round, BodyKind.STATS, moments.to_vector().astype("<f8").tobytes(),
+            self._reply(m, BodyKind.STATS, moments.to_vector().astype("<f8").tobytes(),
                         {"n_rows": int(data.train.size)})
             return
         layout = Layout.from_dict(meta.get("layout"))
@@ -194,7 +200,7 @@ class Site:
         x = apply_standardization(data.table.x, mean, scale)
         evaluation = self._evaluate(layout, params, x)
         if m.body_kind is BodyKind.EVALUATE:
-            self._reply(m.round, BodyKind.EVALUATION, b"", {"eval": evaluation})
+            self._reply(m, BodyKind.EVALUATION, b"", {"eval": evaluation})
             return
         self.state = State.TRAINING
         self.publish_status()
@@ -202,10 +208,9 @@ class Site:
                              plan.training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step)
         delta = (result.params - params).astype("<f4")
-        self._reply(m.round, BodyKind.UPDATE, delta.tobytes(), {
+        self._reply(m, BodyKind.UPDATE, delta.tobytes(), {
             "n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
             "train_seconds": float(result.seconds), "eval": evaluation})
-        self._save_state()
 
     def _first_step(self) -> None:
         if self.first_step_after_start_s is None:
@@ -213,10 +218,25 @@ class Site:
             log.info("first training step %.2f s after process start",
                      self.first_step_after_start_s)
 
+    @property
+    def _state_file(self) -> Path:
+        return self.config.state_dir / "site-state.json"
+
     def _save_state(self) -> None:
-        write_json_atomic(self.config.state_dir / "site-state.json",
-                          {"federation": self.fed, "run": self.run_id,
-                           "rounds_done": sorted(self.done)})
+        """Remember which tasks were answered, so a restarted site does not train them again."""
+        write_json_atomic(self._state_file, {"federation": self.fed, "run": self.run_id,
+                                             "answered": sorted(self.answered)})
+
+    def _load_state(self) -> None:
+        try:
+            doc = json.loads(self._state_file.read_text())
+            if doc.get("federation") == self.fed and isinstance(doc.get("run"), str):
+                self.run_id = doc["run"]
+                self.answered = {(int(r), str(n)) for r, n in doc.get("answered", [])}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("%s unreadable (%s); starting without it", self._state_file, exc)
 
     # ------------------------------------------------------------------ main loop
 
@@ -236,14 +256,23 @@ class Site:
             self.peer.rejected[exc.reason] += 1
             log.warning("rejected task for round %d: %s", m.round, exc)
         except DataError as exc:
-            self.last_error = "data_error"
-            self.state = State.ERROR
-            log.error("%s", exc)
-            self.publish_status()
+            self._fail("data_error", str(exc))
+        except FedsiloError as exc:
+            self._fail("task_failed", str(exc))
+        except Exception:  # noqa: BLE001 - the daemon outlives one bad task; traceback logged
+            log.exception("internal error while handling round %d", m.round)
+            self._fail("internal_error", "see the log above")
         return False
+
+    def _fail(self, code: str, message: str) -> None:
+        self.last_error = code
+        self.state = State.ERROR
+        log.error("%s", message)
+        self.publish_status()
 
     def run(self, *, exit_when_finished: bool = True) -> int:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._load_state()
         self.transport.connect()
         self.state = State.IDLE
         self.publish_status()

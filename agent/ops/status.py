@@ -30,7 +30,8 @@ class State(str, enum.Enum):
 
 def status_document(*, role: str, identity: str, federation: str, state: State,
                     round: int | None, last_error: str | None = None,
-                    extra: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+                    extra: dict[str, Any] | None = None,
+                    now: float | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema": STATUS_SCHEMA_VERSION,
         "role": role,

@@ -1,0 +1,106 @@
+"""Process lifecycle against a real Mosquitto: retained status, last will, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.federation import topics
+from agent.federation.coordinator import Stopped
+from tests.fedharness import (
+    CoordinatorThread,
+    breast_cancer_sites,
+    start_site,
+    stop_all,
+    write_site_config,
+)
+from tests.test_federation import FED, plan_for
+
+pytestmark = pytest.mark.integration
+
+
+def read_retained(port: int, topic: str, want=lambda doc: True, timeout: float = 10.0) -> dict:
+    """Subscribe with a fresh client and return the retained JSON status once `want` holds."""
+    seen: list[dict] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}")
+    c.on_message = lambda _c, _u, msg: seen.append(json.loads(msg.payload)) if msg.payload \
+        else None
+    c.connect("127.0.0.1", port)
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if seen and want(seen[-1]):
+                return seen[-1]
+            time.sleep(0.05)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    raise AssertionError(f"no matching retained message on {topic}; saw {seen[-1:]}")
+
+
+def test_site_status_is_retained_and_last_will_marks_it_offline(tmp_path, mosquitto):
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    topic = topics.site_status(FED, "north")
+
+    site = start_site(cfg, tmp_path / "north.log")
+    up = read_retained(mosquitto.port, topic, lambda d: d["state"] == "idle")
+    assert up["id"] == "north" and up["role"] == "site" and up["federation"] == FED
+    assert up["schema"] == 1 and up["version"]
+    site.kill()  # a crash: no clean DISCONNECT, so the broker publishes the will
+    site.wait()
+    down = read_retained(mosquitto.port, topic, lambda d: d["state"] == "offline")
+    assert down["offline_reason"] == "connection_lost"
+
+    site = start_site(cfg, tmp_path / "north2.log")
+    read_retained(mosquitto.port, topic, lambda d: d["state"] == "idle")
+    site.send_signal(signal.SIGTERM)
+    assert site.wait(timeout=10) == 0
+    down = read_retained(mosquitto.port, topic, lambda d: d["state"] == "offline")
+    assert down["offline_reason"] == "stopped"
+
+
+def test_coordinator_resumes_after_stop_without_redoing_closed_rounds(tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south", "east"]
+    plan = plan_for(features, names, rounds=5)
+    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
+                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    first_run: list[dict] = []
+
+    def stop_after_two(record):
+        first_run.append(record)
+        if record["round"] == 2:
+            coord.coordinator.stop_event.set()
+
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=stop_after_two).start()
+    with pytest.raises(Stopped):
+        coord.join(timeout=120)
+    assert [r["round"] for r in first_run] == [1, 2]
+    status = read_retained(mosquitto.port, topics.coordinator_status(FED))
+    assert status["state"] == "offline" and status["offline_reason"] == "stopped"
+
+    second_run: list[dict] = []
+    again = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=second_run.append).start()
+    final = again.join(timeout=120)
+    assert [r["round"] for r in second_run] == [3, 4, 5]
+    assert again.coordinator.run_id == coord.coordinator.run_id
+    assert final["sites"] == sorted(names)
+    assert stop_all(procs) == [0, 0, 0]
+    done = read_retained(mosquitto.port, topics.coordinator_status(FED),
+                         lambda d: d["state"] == "finished")
+    assert done["round"] == plan.rounds + 1
+
+    # A finished federation stays finished: a third start does no new round.
+    third: list[dict] = []
+    CoordinatorThread(plan, mosquitto.port, tmp_path / "coord", on_round=third.append
+                      ).start().join(timeout=30)
+    assert third == []
