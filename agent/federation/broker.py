@@ -66,6 +66,7 @@ class LocalMosquitto:
             "max_packet_size 2000000\n"
             "max_queued_messages 10000\n"
             "max_inflight_messages 64\n"
+            "set_tcp_nodelay true\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             + self.extra_config
