@@ -9,17 +9,21 @@ set that none of them trained on.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tomli_w import dumps as dumps_toml
 
+import kernels as kernel_registry
 from agent.config import (
     BrokerConfig,
     CoordinatorConfig,
@@ -32,12 +36,11 @@ from agent.demo import cohort
 from agent.demo.baselines import score_alone_and_pooled
 from agent.federation.broker import LocalMosquitto
 from agent.federation.coordinator import Coordinator
+from agent.ingest.tables import load_table
 from agent.learn import metrics
 from agent.learn.modelfile import load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
-
-import kernels as kernel_registry
 
 
 def demo_plan(site_names: list[str], rounds: int, seed: int) -> Plan:
@@ -77,56 +80,94 @@ def _print_round(record: dict[str, Any], rounds: int) -> None:
           f"(overhead {record['overhead_s'] * 1000:.0f} ms)", flush=True)
 
 
-def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]:
-    t0 = time.monotonic()
+@dataclass(frozen=True)
+class DemoFiles:
+    """Everything a demo (or benchmark) federation needs on disk, except the broker port."""
+
+    out: Path
+    plan: Plan
+    profiles: list[cohort.SiteProfile]
+    test_path: Path
+
+
+def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
+                 verbose: bool = True) -> DemoFiles:
+    """Generate each hospital's cohort and the common test set; write the plan."""
     out = out.resolve()
-    (out / "sites").mkdir(parents=True, exist_ok=True)
+    for stale in ("coordinator", "broker"):  # a demo always starts a fresh federation
+        shutil.rmtree(out / stale, ignore_errors=True)
     rng = np.random.default_rng(seed)
     profiles = cohort.default_profiles(sites, seed)
-    names = [p.name for p in profiles]
-    print(f"fedsilo demo: {sites} hospitals, {rounds} rounds, seed {seed}, output {out}")
     for p in profiles:
-        (out / "sites" / p.name).mkdir(parents=True, exist_ok=True)
-        cohort.write_table_csv(cohort.generate_cohort(p, rng), out / "sites" / p.name /
-                               "clinical.csv", profile=p, rng=rng)
-        print(f"  generated {p.name}: {p.n_patients} patients")
+        site_dir = out / "sites" / p.name
+        shutil.rmtree(site_dir, ignore_errors=True)
+        site_dir.mkdir(parents=True)
+        cohort.write_table_csv(cohort.generate_cohort(p, rng), site_dir / "clinical.csv",
+                               profile=p, rng=rng)
+        if verbose:
+            print(f"  generated {p.name}: {p.n_patients} patients")
     test_path = out / "common_test.parquet"
     _write_parquet(cohort.common_test_set(profiles, rng), test_path)
-
-    plan = demo_plan(names, rounds, seed)
+    plan = demo_plan([p.name for p in profiles], rounds, seed)
     (out / "plan.toml").write_text(dumps_toml(plan_to_toml_dict(plan)))
-    with LocalMosquitto(out / "broker") as broker:
-        print(f"  embedded Mosquitto on 127.0.0.1:{broker.port}")
-        (out / "coordinator.toml").write_text(dumps_toml({
-            "coordinator": {"state_dir": "coordinator"},
-            "broker": {"host": "127.0.0.1", "port": broker.port}}))
-        procs = []
-        for name in names:
-            cfg = _write_site(out, name, broker.port, plan.federation)
-            log = open(cfg.parent / "site.log", "wb")  # noqa: SIM115 - closed below
-            procs.append((name, log, subprocess.Popen(
+    return DemoFiles(out=out, plan=plan, profiles=profiles, test_path=test_path)
+
+
+def start_sites(files: DemoFiles, port: int, names: list[str] | None = None
+                ) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """Each hospital as its own `fedsilo site run` process, logging to its own file."""
+    procs = []
+    for name in names or [p.name for p in files.profiles]:
+        cfg = _write_site(files.out, name, port, files.plan.federation)
+        with open(cfg.parent / "site.log", "wb") as log:
+            procs.append((name, subprocess.Popen(
                 [sys.executable, "-m", "agent", "site", "run", "--config", str(cfg)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})))
-        config = CoordinatorConfig(state_dir=out / "coordinator",
-                                   broker=BrokerConfig(port=broker.port))
-        coordinator = Coordinator(config, plan, on_round=lambda r: _print_round(r, rounds))
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})))
+    return procs
+
+
+def wait_sites(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float = 20) -> None:
+    for name, proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+        if proc.returncode != 0:
+            print(f"  warning: site {name} exited with {proc.returncode}; see its site.log")
+
+
+def coordinator_for(files: DemoFiles, port: int, **kwargs: Any) -> Coordinator:
+    (files.out / "coordinator.toml").write_text(dumps_toml({
+        "coordinator": {"state_dir": "coordinator"},
+        "broker": {"host": "127.0.0.1", "port": port}}))
+    config = CoordinatorConfig(state_dir=files.out / "coordinator",
+                               broker=BrokerConfig(port=port))
+    return Coordinator(config, files.plan, **kwargs)
+
+
+def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    print(f"fedsilo demo: {sites} hospitals, {rounds} rounds, seed {seed}, output {out}")
+    logging.getLogger("agent").setLevel(logging.WARNING)  # the round lines are the progress
+    files = prepare_demo(out, sites=sites, rounds=rounds, seed=seed)
+    with LocalMosquitto(files.out / "broker") as broker:
+        print(f"  embedded Mosquitto on 127.0.0.1:{broker.port}; starting {sites} site "
+              "processes and the coordinator")
+        procs = start_sites(files, broker.port)
+        coordinator = coordinator_for(files, broker.port,
+                                      on_round=lambda r: _print_round(r, rounds))
         try:
             final = coordinator.run()
         finally:
-            for name, log, proc in procs:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.terminate()
-                    proc.wait(timeout=10)
-                log.close()
-                if proc.returncode != 0:
-                    print(f"  warning: site {name} exited with {proc.returncode}; see its log")
-
-    summary = _score(out, plan, profiles, test_path, coordinator, final)
+            wait_sites(procs)
+    print("  scoring the federated model and both baselines on the common test set...")
+    logging.getLogger("agent.ingest").setLevel(logging.ERROR)  # the sites already said it
+    summary = _score(files, coordinator, final)
     summary["seconds"] = time.monotonic() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _print_summary(summary, out)
+    (files.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, files.out)
     return summary
 
 
@@ -137,12 +178,11 @@ def _write_parquet(columns: dict[str, np.ndarray], path: Path) -> None:
     pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
 
 
-def _score(out: Path, plan: Plan, profiles, test_path: Path, coordinator: Coordinator,
-           final: dict[str, Any]) -> dict[str, Any]:
-    from agent.ingest.tables import load_table
+def _score(files: DemoFiles, coordinator: Coordinator, final: dict[str, Any]) -> dict[str, Any]:
+    out, plan, profiles = files.out, files.plan, files.profiles
 
     k = kernel_registry.get_backend("auto")
-    test = load_table(test_path, plan.features, plan.target, plan.missing)
+    test = load_table(files.test_path, plan.features, plan.target, plan.missing)
     model = load_model(out / "coordinator" / "model")
     p = predict_proba(model.layout, model.params,
                       apply_standardization(test.x, model.mean, model.scale), k)
