@@ -245,6 +245,11 @@ class Transport:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+        # A clean DISCONNECT makes the broker discard the will; if the socket closed before it
+        # was flushed, monitoring would see "connection_lost" for a clean stop.
         self._client.disconnect()
-        self._client.loop(timeout=0.1)
+        deadline = time.monotonic() + timeout_s
+        while self._client.socket() is not None and time.monotonic() < deadline:
+            if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
         self._client = None
