@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,19 @@ class LocalData:
     table: EncodedTable
     train: np.ndarray  # row indices
     holdout: np.ndarray
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the process's own address space;
+    ru_maxrss would also count the parent's memory at fork time."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +112,7 @@ class Site:
             extra["rows_read"] = self.data.table.rows_read
             extra["rows_skipped"] = sum(self.data.table.skipped.values())
             extra["train_rows"] = int(self.data.train.size)
+        extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
         return extra
@@ -291,6 +306,7 @@ class Site:
                     last_status = time.monotonic()
             return 0
         finally:
+            log.info("stopping; peak RSS %.1f MiB", peak_rss_mib())
             self.transport.close(final=(topics.site_status(self.fed, self.site_id),
                                         offline_status(role="site", identity=self.site_id,
                                                        federation=self.fed, reason="stopped")))
