@@ -54,12 +54,25 @@ def test_three_sites_match_pooled_model_on_real_data(tmp_path, mosquitto):
     tables, test_csv, features = breast_cancer_sites(tmp_path / "data")
     names = ["north", "south", "east"]
     plan = plan_for(features, names)
+    metrics_seen: list[dict] = []
+    monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="it-monitor")
+    monitor.on_message = lambda _c, _u, msg: metrics_seen.append(json.loads(msg.payload))
+    monitor.connect("127.0.0.1", mosquitto.port)
+    monitor.subscribe(f"fedsilo/v1/{FED}/site/+/metrics", qos=1)
+    monitor.loop_start()
     procs = launch(tmp_path, mosquitto.port, names, tables)
     rounds_seen = []
     coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
                               on_round=rounds_seen.append).start()
     final = coord.join(timeout=180)
     assert stop_all(procs) == [0, 0, 0]
+    monitor.loop_stop()
+    monitor.disconnect()
+    # IT monitoring sees flat per-round metrics from every site, aggregate numbers only.
+    assert sorted((m["site"], m["round"]) for m in metrics_seen) == sorted(
+        (n, r) for n in names for r in range(1, plan.rounds + 1))
+    assert all(set(m) >= {"n_samples", "train_loss", "eval_auc", "eval_n"} for m in metrics_seen)
+    assert not any(isinstance(v, (dict, list)) for m in metrics_seen for v in m.values())
 
     assert [r["round"] for r in rounds_seen] == list(range(1, plan.rounds + 1))
     assert all(r["sites"] == sorted(names) for r in rounds_seen)

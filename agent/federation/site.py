@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_TASK_BYTES = 256 << 20  # tightened against the model layout once issue 5 lands
 STATUS_EVERY_S = 10.0
+MIN_PATIENTS_FOR_METRICS = 10
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ class Site:
     def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         assert self.data is not None
         idx = self.data.holdout
-        if idx.size == 0:
+        if idx.size < MIN_PATIENTS_FOR_METRICS:
+            # Metrics on a handful of patients say too much about each of them: suppressed.
             return {"n": 0, "loss": None, "auc": None, "accuracy": None}
         y = self.data.table.y[idx]
         p = predict_proba(layout, params, x[idx], self.kernels)
@@ -223,9 +225,19 @@ class Site:
                              plan.training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step)
         delta = (result.params - params).astype("<f4")
-        self._reply(m, BodyKind.UPDATE, delta.tobytes(), {
-            "n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
-            "train_seconds": float(result.seconds), "eval": evaluation})
+        report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
+                  "train_seconds": float(result.seconds), "eval": evaluation}
+        self._reply(m, BodyKind.UPDATE, delta.tobytes(), report)
+        self._publish_metrics(m.round, report)
+
+    def _publish_metrics(self, rnd: int, report: dict[str, Any]) -> None:
+        """Aggregate numbers only, flat, for IT monitoring and the data scientist's dashboards."""
+        doc = {"schema": 1, "site": self.site_id, "federation": self.fed, "round": rnd,
+               "n_samples": report["n_samples"], "train_loss": report["train_loss"],
+               "train_seconds": report["train_seconds"],
+               **{f"eval_{k}": v for k, v in report["eval"].items()},
+               "bytes_sent": self.peer.bytes_sent, "ts": round(time.time(), 3)}
+        self.transport.publish(topics.site_metrics(self.fed, self.site_id), encode_status(doc))
 
     def _first_step(self) -> None:
         if self.first_step_after_start_s is None:
