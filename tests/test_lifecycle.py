@@ -104,3 +104,28 @@ def test_coordinator_resumes_after_stop_without_redoing_closed_rounds(tmp_path, 
     CoordinatorThread(plan, mosquitto.port, tmp_path / "coord", on_round=third.append
                       ).start().join(timeout=30)
     assert third == []
+
+
+def test_federation_survives_a_broker_restart(tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south", "east"]
+    plan = plan_for(features, names, rounds=6)
+    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
+                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    seen: list[dict] = []
+
+    def restart_after_two(record):
+        seen.append(record)
+        if record["round"] == 2:
+            mosquitto.stop()  # persistence is saved on shutdown: sessions and retained state
+            time.sleep(1.0)
+            mosquitto.start()
+
+    final = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=restart_after_two).start().join(timeout=180)
+    assert stop_all(procs) == [0, 0, 0]
+    assert [r["round"] for r in seen] == list(range(1, plan.rounds + 1))
+    assert final["sites"] == sorted(names)
+    assert all(r["sites"] == sorted(names) for r in seen)
+    logs = "".join((tmp_path / f"{n}.log").read_text() for n in names)
+    assert "will reconnect" in logs

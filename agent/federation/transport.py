@@ -222,16 +222,22 @@ class Transport:
         return self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
 
     def wait_published(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout_s: float) -> None:
-        """Block until the broker acknowledged every publish; a timeout is a failure."""
+        """Block until the broker acknowledged every publish; a timeout is a failure.
+
+        A publish made while the connection was down is queued by paho and sent after the
+        reconnect, but its `rc` stays NO_CONN and paho's own wait raises; so we wait on the
+        acknowledgement flag itself.
+        """
         deadline = time.monotonic() + timeout_s
         for info in infos:
-            remaining = deadline - time.monotonic()
-            try:
-                info.wait_for_publish(max(0.0, remaining))
-            except (RuntimeError, ValueError) as exc:
-                raise BrokerError(f"publish failed: {exc}") from None
-            if not info.is_published():
-                raise BrokerError(f"publish not acknowledged within {timeout_s:.0f} s")
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise BrokerError(f"publish failed: {mqtt.error_string(info.rc)}")
+            with info._condition:  # paho 2.x: set with _published on PUBACK
+                while not info._published:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerError(f"publish not acknowledged within {timeout_s:.0f} s")
+                    info._condition.wait(min(remaining, 0.5))
 
     def close(self, final: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
         """Publish a last retained message (the explicit offline status), then disconnect."""
