@@ -87,6 +87,50 @@ def _cmd_warm_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hardware_show(args: argparse.Namespace) -> int:
+    import json
+
+    import kernels
+    from agent.ops.hardware import (
+        backend_for,
+        default_profiles_dir,
+        detect_host,
+        load_profiles,
+        matching_profiles,
+        select_profile,
+        threads_for,
+    )
+
+    directory = default_profiles_dir()
+    profiles = load_profiles(directory)
+    facts = detect_host()
+    backends = kernels.available_backends()
+    profile = select_profile(profiles, facts, args.profile, source="--profile")
+    doc = {"host": facts.to_dict(), "backends": backends, "profiles_dir": str(directory),
+           "requested": args.profile,
+           "matching": [p.name for p in matching_profiles(profiles, facts)],
+           "profile": {**profile.to_dict(), "threads_here": threads_for(profile, facts),
+                       "backend_here": backend_for(profile, backends)}}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"host: {facts.summary()}")
+    print("kernel backends:")
+    for name, reason in backends.items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"profiles: {directory} (matching this host, best first: "
+          f"{', '.join(doc['matching']) or 'none'})")
+    chain = f", includes {' -> '.join(profile.includes)}" if profile.includes else ""
+    print(f"profile: {profile.name} (requested {args.profile}{chain})")
+    print(f"  {profile.description}")
+    print(f"  match: {profile.match.to_dict() or 'any host'}")
+    for key, value in doc["profile"]["settings"].items():
+        print(f"  {key} = {value}")
+    print(f"  here: backend {doc['profile']['backend_here']}, "
+          f"{doc['profile']['threads_here']} threads")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsilo", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"fedsilo {__version__}")
@@ -119,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated cohorts")
     demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     demo.set_defaults(func=_cmd_demo)
+
+    hw = sub.add_parser("hardware", help="host facts, kernel backends and hardware profile")
+    hw_sub = hw.add_subparsers(dest="hardware_command", required=True)
+    show = hw_sub.add_parser("show", help="what this host offers and which profile is chosen")
+    show.add_argument("--profile", default="auto", help="profile name, or auto (default)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_cmd_hardware_show)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")

@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 SITE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 FEDERATION_ID_PATTERN = SITE_ID_PATTERN
+PROFILE_NAME_PATTERN = SITE_ID_PATTERN  # hardware profiles (agent/ops/hardware.py)
 COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 MODEL_KINDS = ("logistic", "mlp")
@@ -283,6 +284,16 @@ def _broker(file: str, r: _Reader | None, base: Path) -> BrokerConfig:
     )
 
 
+def _hardware_profile_name(s: _Reader) -> str:
+    """"auto" or a profile name; whether that profile exists is checked by `check_file` and at
+    site start, against the profile directory in use."""
+    value = s.get("hardware_profile", str, "auto")
+    if value != "auto" and not PROFILE_NAME_PATTERN.fullmatch(value):
+        raise s.fail("hardware_profile", f'{value!r} is neither "auto" nor a valid profile name '
+                                         f"(pattern {PROFILE_NAME_PATTERN.pattern})")
+    return value
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     path = Path(path)
     file = str(path)
@@ -315,7 +326,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         state_dir=_path(base, s.get("state_dir", str, required=True)),
         broker=_broker(file, top.sub("broker"), base),
         data=data,
-        hardware_profile=s.get("hardware_profile", str, "auto"),
+        hardware_profile=_hardware_profile_name(s),
         source=file,
     )
 
@@ -473,7 +484,13 @@ def check_file(path: str | Path) -> str:
     path = Path(path)
     doc = _read_toml(path)
     if "site" in doc:
-        load_site_config(path)
+        site = load_site_config(path)
+        # Lazy: hardware imports this module. Loading also surfaces a broken profile file.
+        from agent.ops.hardware import default_profiles_dir, load_profiles, profile_named
+
+        profiles = load_profiles(default_profiles_dir())
+        if site.hardware_profile != "auto":
+            profile_named(profiles, site.hardware_profile, source=str(path))
         return "site"
     if "coordinator" in doc:
         load_coordinator_config(path)

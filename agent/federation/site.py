@@ -35,6 +35,14 @@ from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
 from agent.learn.trainer import train_local
 from agent.ops.atomic import write_json_atomic
+from agent.ops.hardware import (
+    apply_profile,
+    backend_for,
+    default_profiles_dir,
+    detect_host,
+    load_profiles,
+    select_profile,
+)
 from agent.ops.status import State, encode_status, offline_status, status_document
 
 log = logging.getLogger(__name__)
@@ -78,7 +86,13 @@ class Site:
         self.config = config
         self.fed = config.federation
         self.site_id = config.site_id
+        facts = detect_host()
+        self.profile = select_profile(load_profiles(default_profiles_dir()), facts,
+                                      config.hardware_profile, source=config.source)
+        if backend == "auto":
+            backend = backend_for(self.profile, kernel_registry.available_backends())
         self.kernels: ModuleType = kernel_registry.get_backend(backend)
+        self.threads = apply_profile(self.profile, facts)
         self.process_start = process_start if process_start is not None else time.time()
         self.stop_event = threading.Event()
         self.state = State.STARTING
@@ -108,7 +122,9 @@ class Site:
     def _status_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"rejected_messages": sum(self.peer.rejected.values()),
                                  "bytes_sent": self.peer.bytes_sent,
-                                 "bytes_received": self.peer.bytes_received}
+                                 "bytes_received": self.peer.bytes_received,
+                                 "hardware_profile": self.profile.name,
+                                 "threads": self.threads}
         if self.data is not None:
             extra["rows_read"] = self.data.table.rows_read
             extra["rows_skipped"] = sum(self.data.table.skipped.values())
