@@ -129,3 +129,25 @@ def test_federation_survives_a_broker_restart(tmp_path, mosquitto):
     assert all(r["sites"] == sorted(names) for r in seen)
     logs = "".join((tmp_path / f"{n}.log").read_text() for n in names)
     assert "will reconnect" in logs
+
+
+def test_unparseable_rows_are_skipped_with_reasons_in_log_and_status(tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    good_rows = len(tables[0].read_text().splitlines()) - 1
+    with open(tables[0], "a") as fh:
+        fh.write("1,2,3\n")  # wrong field count
+        fh.write(",".join(["abc"] * 30) + ",1\n")  # unparseable numbers
+        fh.write(",".join(["1.0"] * 30) + ",\n")  # outcome missing
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    site = start_site(cfg, tmp_path / "north.log")
+    CoordinatorThread(plan_for(features, ["north"], rounds=1), mosquitto.port,
+                      tmp_path / "coord").start().join(timeout=60)
+    assert stop_all([site]) == [0]
+    status = read_retained(mosquitto.port, topics.site_status(FED, "north"))
+    assert status["state"] == "offline" and status["offline_reason"] == "stopped"
+    assert status["rows_read"] == good_rows + 3 and status["rows_skipped"] == 3
+    assert status["rows_skipped_reasons"] == \
+        "target_missing=1,unparseable:f00=1,wrong_field_count=1"
+    log = (tmp_path / "north.log").read_text()
+    assert "skipped 3 of" in log and "wrong_field_count=1" in log
+    assert "abc" not in log  # reasons and counts only, never cell values

@@ -228,8 +228,8 @@ class Coordinator:
             if site in outcome.reports:
                 raise ProtocolError("duplicate_update", site)
             outcome.reports[site] = on_body(site, m, event.body)
-            log.info("round %d: %s reported (%d/%d)", rnd, site, len(outcome.reports),
-                     len(self.plan.sites))
+            log.debug("round %d: %s reported (%d/%d)", rnd, site, len(outcome.reports),
+                      len(self.plan.sites))
         except ProtocolError as exc:
             self.peer.rejected[exc.reason] += 1
             log.warning("rejected %s from %s for round %d: %s", m.body_kind.value, site, rnd, exc)
@@ -302,6 +302,12 @@ class Coordinator:
         }
         self.history.append(record)
         self._save_checkpoint()
+        ev = record["eval_before"]
+        log.info("round %d/%d closed: %d sites, %d samples, train loss %.4f, held-out AUC of the "
+                 "model sent %s, %.3f s (overhead %.1f ms)", rnd, self.plan.rounds,
+                 len(record["sites"]), record["samples"], record["train_loss"],
+                 f"{ev['auc']:.3f}" if ev.get("auc") is not None else "n/a", wall,
+                 record["overhead_s"] * 1000)
         self.on_round(record)
 
     def _task_meta(self) -> dict[str, Any]:

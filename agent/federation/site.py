@@ -128,6 +128,9 @@ class Site:
         if self.data is not None:
             extra["rows_read"] = self.data.table.rows_read
             extra["rows_skipped"] = sum(self.data.table.skipped.values())
+            # Flat for monitoring tools: "target_missing=1,unparseable:age=2".
+            extra["rows_skipped_reasons"] = ",".join(
+                f"{k}={v}" for k, v in sorted(self.data.table.skipped.items()))
             extra["train_rows"] = int(self.data.train.size)
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         if self.first_step_after_start_s is not None:
@@ -335,6 +338,10 @@ class Site:
             return 0
         finally:
             log.info("stopping; peak RSS %.1f MiB", peak_rss_mib())
+            self.state = State.OFFLINE
+            final = status_document(role="site", identity=self.site_id, federation=self.fed,
+                                    state=State.OFFLINE, round=self.round,
+                                    last_error=self.last_error,
+                                    extra={"offline_reason": "stopped", **self._status_extra()})
             self.transport.close(final=(topics.site_status(self.fed, self.site_id),
-                                        offline_status(role="site", identity=self.site_id,
-                                                       federation=self.fed, reason="stopped")))
+                                        encode_status(final)))
