@@ -29,7 +29,7 @@ demo: $(VENV)/.stamp-run mosquitto warm
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp-test mosquitto lint
+test: $(VENV)/.stamp-test mosquitto lint warm
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.stamp-test mosquitto warm

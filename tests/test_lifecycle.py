@@ -18,7 +18,7 @@ from tests.fedharness import (
     stop_all,
     write_site_config,
 )
-from tests.test_federation import FED, plan_for
+from tests.test_federation import FED, launch, plan_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +70,7 @@ def test_coordinator_resumes_after_stop_without_redoing_closed_rounds(tmp_path, 
     tables, _test, features = breast_cancer_sites(tmp_path / "data")
     names = ["north", "south", "east"]
     plan = plan_for(features, names, rounds=5)
-    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
-                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    procs = launch(tmp_path, mosquitto.port, names, tables)
     first_run: list[dict] = []
 
     def stop_after_two(record):
@@ -110,8 +109,7 @@ def test_federation_survives_a_broker_restart(tmp_path, mosquitto):
     tables, _test, features = breast_cancer_sites(tmp_path / "data")
     names = ["north", "south", "east"]
     plan = plan_for(features, names, rounds=6)
-    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
-                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    procs = launch(tmp_path, mosquitto.port, names, tables)
     seen: list[dict] = []
 
     def restart_after_two(record):
