@@ -61,17 +61,31 @@ class LocalData:
     holdout: np.ndarray
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM belongs to the process's own address space;
-    ru_maxrss would also count the parent's memory at fork time."""
+def _proc_status_mib(*keys: str) -> dict[str, float]:
+    found: dict[str, float] = {}
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                name, _, value = line.partition(":")
+                if name in keys:
+                    found[name] = int(value.split()[0]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return found
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the process's own address space;
+    ru_maxrss would also count the parent's memory at fork time."""
+    peak = _proc_status_mib("VmHWM").get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_split_mib() -> tuple[float, float]:
+    """(private anonymous, file-backed) resident memory now. File-backed pages are mostly shared
+    library code (llvmlite, numpy), shared by every fedsilo process on the host."""
+    d = _proc_status_mib("RssAnon", "RssFile")
+    return d.get("RssAnon", float("nan")), d.get("RssFile", float("nan"))
 
 
 def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +351,9 @@ class Site:
                     last_status = time.monotonic()
             return 0
         finally:
-            log.info("stopping; peak RSS %.1f MiB", peak_rss_mib())
+            anon, file_backed = resident_split_mib()
+            log.info("stopping; peak RSS %.1f MiB (now %.1f MiB private, %.1f MiB file-backed "
+                     "shared code)", peak_rss_mib(), anon, file_backed)
             self.state = State.OFFLINE
             final = status_document(role="site", identity=self.site_id, federation=self.fed,
                                     state=State.OFFLINE, round=self.round,
