@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -114,6 +115,9 @@ def test_site_joining_after_round_one_takes_part_later(tmp_path, mosquitto):
     assert rounds_seen[0]["sites"] == ["north", "south"]
     assert any("late" in r["sites"] for r in rounds_seen[1:])
     assert "late" in final["sites"]
+    # The late site found the round in progress from the retained manifest and asked again for
+    # the chunks that went by before it connected.
+    assert "asking coordinator again for" in (tmp_path / "late.log").read_text()
 
 
 def test_garbage_on_fedsilo_topics_is_dropped_and_federation_finishes(tmp_path, mosquitto):
@@ -165,3 +169,19 @@ def test_garbage_on_fedsilo_topics_is_dropped_and_federation_finishes(tmp_path, 
     logs = "".join((tmp_path / f"{n}.log").read_text() for n in names)
     assert "dropped message on fedsilo/v1/bc-test/coordinator/round/" in logs
     assert os.path.exists(tmp_path / "coord" / "model" / "model.json")
+
+
+def test_model_larger_than_one_chunk_travels_in_chunks(tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south"]
+    plan = dataclasses.replace(plan_for(features, names, rounds=2),
+                               model=ModelSpec("mlp", hidden=(600, 600)))
+    procs = launch(tmp_path, mosquitto.port, names, tables[:2])
+    rounds_seen = []
+    final = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=rounds_seen.append).start().join(timeout=180)
+    assert stop_all(procs) == [0, 0]
+    model = load_model(tmp_path / "coord" / "model")
+    assert model.layout.size * 4 > envelope.CHUNK_SIZE  # two chunks per body at least
+    assert all(r["bytes_received"] >= 2 * model.layout.size * 4 for r in rounds_seen)
+    assert final["sites"] == names
