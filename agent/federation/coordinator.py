@@ -117,7 +117,13 @@ class Coordinator:
         path = self.state_dir / CHECKPOINT
         if not path.exists():
             return
-        doc = json.loads(path.read_text())
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise FedsiloError(f"{path}: unreadable checkpoint ({exc}); restore it or move the "
+                               "state directory away to start over") from None
         if doc.get("plan_digest") != self.digest:
             raise FedsiloError(f"{path}: checkpoint belongs to another plan; move it away to "
                                "start a new federation")
