@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: demo test lint bench mosquitto warm clean
+.PHONY: demo test lint bench system-deps warm clean
 
 $(VENV)/.stamp-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,22 +17,22 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-run
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-mosquitto:
-	@bash packaging/ensure-mosquitto.sh
+system-deps:
+	@bash packaging/ensure-system-deps.sh
 
 warm: $(VENV)/.stamp-run
 	$(VENV)/bin/fedsilo warm-cache
 
-demo: $(VENV)/.stamp-run mosquitto warm
+demo: $(VENV)/.stamp-run system-deps warm
 	$(VENV)/bin/fedsilo demo
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp-test mosquitto lint warm
+test: $(VENV)/.stamp-test system-deps lint warm
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.stamp-test mosquitto warm
+bench: $(VENV)/.stamp-test system-deps warm
 	$(PY) benchmarks/bench_federation.py
 
 clean:

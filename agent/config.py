@@ -26,7 +26,7 @@ FEDERATION_ID_PATTERN = SITE_ID_PATTERN
 PROFILE_NAME_PATTERN = SITE_ID_PATTERN  # hardware profiles (agent/ops/hardware.py)
 COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
-MODEL_KINDS = ("logistic", "mlp")
+MODEL_KINDS = ("logistic", "mlp", "cnn_fused")
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("fedavg",)
 MISSING_POLICIES = ("mean", "drop")
@@ -48,8 +48,28 @@ class FeatureSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """`cnn_fused`: conv layers (`conv_channels`, `kernel_size`, ReLU, 2x2 max-pool) on the image,
+    global average pooling, concatenated with the clinical features, then `hidden` dense layers
+    and one logit."""
+
     kind: str = "logistic"
     hidden: tuple[int, ...] = ()
+    conv_channels: tuple[int, ...] = ()
+    kernel_size: int = 3
+
+
+@dataclass(frozen=True)
+class ImagingSpec:
+    """How every site turns a series into the model's image: HU, window, resample to the grid.
+
+    The grid is `depth` slices x `size` x `size` pixels spanning the series (slices become the
+    image channels of the CNN)."""
+
+    modality: str = "CT"
+    depth: int = 8
+    size: int = 32
+    window_center: float = 40.0
+    window_width: float = 80.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class Plan:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     strategy: str = "fedavg"
     seed: int = 0
+    imaging: ImagingSpec | None = None
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +114,13 @@ class Plan:
                 {"name": f.name, "type": f.type, "levels": list(f.levels)} for f in self.features
             ],
             "missing": self.missing,
-            "model": {"kind": self.model.kind, "hidden": list(self.model.hidden)},
+            "model": {"kind": self.model.kind, "hidden": list(self.model.hidden),
+                      "conv_channels": list(self.model.conv_channels),
+                      "kernel_size": self.model.kernel_size},
+            "imaging": None if self.imaging is None else {
+                "modality": self.imaging.modality, "depth": self.imaging.depth,
+                "size": self.imaging.size, "window_center": self.imaging.window_center,
+                "window_width": self.imaging.window_width},
             "training": {
                 "local_epochs": self.training.local_epochs,
                 "batch_size": self.training.batch_size,
@@ -132,6 +159,19 @@ class DataSources:
 
 
 @dataclass(frozen=True)
+class DicomSources:
+    """Where images come from: a C-STORE listener and/or a watch folder (both optional)."""
+
+    listen: bool = False
+    ae_title: str = "FEDSILO"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    allowed_callers: tuple[str, ...] = ()
+    watch_dir: Path | None = None
+    series_quiet_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     site_id: str
     federation: str
@@ -139,6 +179,7 @@ class SiteConfig:
     broker: BrokerConfig
     data: DataSources
     hardware_profile: str = "auto"
+    dicom: DicomSources = field(default_factory=DicomSources)
     source: str = ""
 
 
@@ -299,7 +340,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     file = str(path)
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
-    top.reject_unknown({"site", "broker", "data"})
+    top.reject_unknown({"site", "broker", "data", "dicom"})
     s = top.sub("site", required=True)
     s.reject_unknown({"id", "federation", "state_dir", "hardware_profile"})
     base = path.parent
@@ -327,7 +368,36 @@ def load_site_config(path: str | Path) -> SiteConfig:
         broker=_broker(file, top.sub("broker"), base),
         data=data,
         hardware_profile=_hardware_profile_name(s),
+        dicom=_dicom(top.sub("dicom"), base),
         source=file,
+    )
+
+
+AE_TITLE_PATTERN = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: 16 printable ASCII, no backslash
+
+
+def _ae_title(r: _Reader, value: Any, key: str) -> str:
+    if not isinstance(value, str) or not AE_TITLE_PATTERN.fullmatch(value) or "\\" in value \
+            or not value.strip():
+        raise r.fail(key, f"{value!r} is not a valid AE title (1-16 printable ASCII characters)")
+    return value.strip()
+
+
+def _dicom(r: _Reader | None, base: Path) -> DicomSources:
+    if r is None:
+        return DicomSources()
+    r.reject_unknown({"listen", "ae_title", "port", "bind", "allowed_callers", "watch_dir",
+                      "series_quiet_s"})
+    callers = r.get("allowed_callers", list, [])
+    watch = r.get("watch_dir", str, None)
+    return DicomSources(
+        listen=r.get("listen", bool, False),
+        ae_title=_ae_title(r, r.get("ae_title", str, "FEDSILO"), "ae_title"),
+        port=r.number("port", 11112, lo=1, hi=65535, integer=True),
+        bind=r.get("bind", str, "0.0.0.0"),
+        allowed_callers=tuple(_ae_title(r, c, "allowed_callers") for c in callers),
+        watch_dir=_path(base, watch) if watch else None,
+        series_quiet_s=r.number("series_quiet_s", 30.0, lo=0.0, hi=86400.0),
     )
 
 
@@ -377,7 +447,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
     """Validate a plan given as data (from TOML on the coordinator, from JSON on a site)."""
     top = _Reader(file, doc, "")
     top.reject_unknown({"federation", "target", "features", "data", "model", "training",
-                        "strategy"})
+                        "strategy", "imaging"})
     f = top.sub("federation", required=True)
     f.reject_unknown({"id", "sites", "rounds", "min_sites", "round_deadline_s", "seed"})
     sites_raw = f.get("sites", list, required=True)
@@ -409,7 +479,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
     model = ModelSpec()
     m = top.sub("model")
     if m is not None:
-        m.reject_unknown({"kind", "hidden"})
+        m.reject_unknown({"kind", "hidden", "conv_channels", "kernel_size"})
         kind = m.choice("kind", MODEL_KINDS, "logistic")
         hidden_raw = m.get("hidden", list, [])
         if not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 4096
@@ -419,7 +489,35 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             raise m.fail("hidden", "an mlp needs at least one hidden layer width")
         if kind == "logistic" and hidden_raw:
             raise m.fail("hidden", "a logistic model has no hidden layers")
-        model = ModelSpec(kind=kind, hidden=tuple(hidden_raw))
+        channels = m.get("conv_channels", list, [])
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 256
+                   for c in channels):
+            raise m.fail("conv_channels", "must be a list of channel counts between 1 and 256")
+        if (kind == "cnn_fused") != bool(channels):
+            raise m.fail("conv_channels", "a cnn_fused model needs conv_channels; other kinds "
+                                          "have none")
+        kernel_size = m.number("kernel_size", 3, lo=1, hi=7, integer=True)
+        if kernel_size % 2 == 0:
+            raise m.fail("kernel_size", "must be odd (same padding)")
+        model = ModelSpec(kind=kind, hidden=tuple(hidden_raw), conv_channels=tuple(channels),
+                          kernel_size=kernel_size)
+
+    imaging = None
+    im = top.sub("imaging")
+    if im is not None:
+        im.reject_unknown({"modality", "depth", "size", "window_center", "window_width"})
+        imaging = ImagingSpec(
+            modality=im.choice("modality", ("CT", "MR"), "CT"),
+            depth=im.number("depth", 8, lo=1, hi=256, integer=True),
+            size=im.number("size", 32, lo=4, hi=1024, integer=True),
+            window_center=im.number("window_center", 40.0, lo=-4096.0, hi=4096.0),
+            window_width=im.number("window_width", 80.0, lo=1.0, hi=8192.0),
+        )
+    if model.kind == "cnn_fused" and imaging is None:
+        raise ConfigError(file, "imaging", "a cnn_fused model needs an [imaging] table")
+    if model.kind == "cnn_fused" and imaging.size % (2 ** len(model.conv_channels)) != 0:
+        raise ConfigError(file, "imaging.size", f"must be divisible by "
+                          f"{2 ** len(model.conv_channels)} (one 2x2 pooling per conv layer)")
 
     training = TrainingSpec()
     tr = top.sub("training")
@@ -454,6 +552,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
         training=training,
         strategy=strategy,
         seed=f.number("seed", 0, lo=0, integer=True),
+        imaging=imaging,
         source=file,
     )
 
@@ -461,17 +560,24 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
 def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
     """The TOML-shaped document of a plan (inverse of `plan_from_dict`)."""
     d = plan.to_dict()
-    return {
+    model = {"kind": d["model"]["kind"], "hidden": d["model"]["hidden"]}
+    if plan.model.conv_channels:
+        model |= {"conv_channels": d["model"]["conv_channels"],
+                  "kernel_size": d["model"]["kernel_size"]}
+    doc = {
         "federation": {"id": d["federation"], "sites": d["sites"], "rounds": d["rounds"],
                        "min_sites": d["min_sites"], "round_deadline_s": d["round_deadline_s"],
                        "seed": d["seed"]},
         "target": {"column": d["target"]},
         "features": [{k: v for k, v in f.items() if k != "levels" or v} for f in d["features"]],
         "data": {"missing": d["missing"]},
-        "model": {"kind": d["model"]["kind"], "hidden": d["model"]["hidden"]},
+        "model": model,
         "training": d["training"],
         "strategy": {"name": d["strategy"]},
     }
+    if d["imaging"] is not None:
+        doc["imaging"] = d["imaging"]
+    return doc
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -189,3 +189,61 @@ def test_cli_config_check_exit_codes(tmp_path):
 def test_cli_version():
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.startswith("fedsilo ")
+
+
+IMAGING = """
+[imaging]
+modality = "CT"
+depth = 8
+size = 32
+window_center = 40
+window_width = 80
+"""
+
+
+def test_cnn_fused_plan_with_imaging_round_trips(tmp_path):
+    text = PLAN.replace('kind = "mlp"\nhidden = [8, 4]',
+                        'kind = "cnn_fused"\nhidden = [8]\nconv_channels = [4, 8]') + IMAGING
+    plan = load_plan(write(tmp_path, text))
+    assert plan.model.conv_channels == (4, 8) and plan.model.kernel_size == 3
+    assert plan.imaging is not None and plan.imaging.depth == 8 and plan.imaging.size == 32
+    assert plan_from_dict(plan_to_toml_dict(plan)).to_dict() == plan.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "key", "problem"),
+    [
+        ('kind = "cnn_fused"\nconv_channels = [4]', "", "imaging", "needs an [imaging]"),
+        ('kind = "cnn_fused"\nconv_channels = [4, 8, 8, 8]', IMAGING.replace("32", "20"),
+         "imaging.size", "divisible by 16"),
+        ('kind = "mlp"\nhidden = [4]\nconv_channels = [4]', "", "model.conv_channels",
+         "other kinds"),
+        ('kind = "cnn_fused"\nconv_channels = [4]\nkernel_size = 4', IMAGING, "model.kernel_size",
+         "odd"),
+        ('kind = "cnn_fused"\nconv_channels = [4]', IMAGING.replace("depth = 8", "depth = 0"),
+         "imaging.depth", ">= 1"),
+    ],
+)
+def test_imaging_plan_errors(tmp_path, model, extra, key, problem):
+    text = PLAN.replace('kind = "mlp"\nhidden = [8, 4]', model) + extra
+    with pytest.raises(ConfigError) as info:
+        load_plan(write(tmp_path, text))
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_site_dicom_section(tmp_path):
+    cfg = load_site_config(write(tmp_path, SITE + """
+[dicom]
+listen = true
+ae_title = "FEDSILO_A"
+port = 11113
+allowed_callers = ["PACS1", "CT_SCANNER"]
+watch_dir = "incoming"
+series_quiet_s = 5
+"""))
+    assert cfg.dicom.listen and cfg.dicom.ae_title == "FEDSILO_A" and cfg.dicom.port == 11113
+    assert cfg.dicom.allowed_callers == ("PACS1", "CT_SCANNER")
+    assert cfg.dicom.watch_dir == tmp_path / "incoming"
+    with pytest.raises(ConfigError) as info:
+        load_site_config(write(tmp_path, SITE + '\n[dicom]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n'))
+    assert info.value.key == "dicom.ae_title"

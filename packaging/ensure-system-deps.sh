@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
+# MQTT broker) and dcmtk (storescu/storescp, the real DICOM peers). Installs the Debian packages
+# when missing and running as root; otherwise says exactly what to install.
+set -euo pipefail
+missing=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    missing+=(mosquitto mosquitto-clients)
+fi
+if ! command -v storescu >/dev/null 2>&1; then
+    missing+=(dcmtk)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian packages: ${missing[*]} ..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+    exit 0
+fi
+echo "missing system packages: run 'sudo apt-get install ${missing[*]}' and try again" >&2
+exit 1
