@@ -55,6 +55,10 @@ FRAILTY_SD = 1.0  # unobserved patient-level log-odds noise (comorbidity, compli
 PRESTROKE_LOG_OR = -0.5  # per pre-stroke mRS point 0..2
 PRESTROKE_DEPENDENT_LOG_OR = -2.5  # pre-stroke mRS >= 3: already dependent before the stroke
 AF_LOG_OR = -0.2
+# Infarct core visible on non-contrast CT (only with `imaging=True`): each 10 ml lowers the odds
+# of a good outcome by ~22%, in the range reported for core volume in thrombectomy cohorts.
+CORE_LOG_OR_PER_ML = -0.025
+CORE_CAP_ML = 200.0
 MG_PER_DL_PER_MMOL_L = 18.016  # glucose
 
 # Share of missing cells per column relative to the site's missing_rate (unknown onset time and
@@ -230,9 +234,21 @@ def _treatments(p: SiteProfile, rng: np.random.Generator, v: dict[str, np.ndarra
     v["evt"] = evt_eligible & (rng.random(n) < p.thrombectomy_rate)
 
 
-def _outcome(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:
-    """ASTRAL log-odds plus treatment effects, prior disability and frailty; adds p_good, good."""
+def _infarct_core(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:
+    """Latent infarct core volume (ml): large with a large-vessel occlusion, growing with time
+    and with the deficits that betray it (visual field, consciousness); adds `core_ml`."""
     n = len(v["age"])
+    log_median = (np.where(v["lvo"], math.log(35.0), math.log(4.0))
+                  + 0.3 * np.log(v["onset_to_door"] / 120.0) + 0.03 * (v["nihss"] - 8)
+                  + 0.4 * v["vfd"] + 0.4 * v["dloc"])
+    v["core_ml"] = np.clip(np.exp(log_median + rng.normal(0.0, 0.8, n)), 0.2, CORE_CAP_ML)
+
+
+def _outcome(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:
+    """ASTRAL log-odds plus treatment effects, prior disability and frailty (and the infarct
+    core when imaging is simulated); adds p_good, good."""
+    n = len(v["age"])
+    core_term = CORE_LOG_OR_PER_ML * (v["core_ml"] - 10.0) if "core_ml" in v else 0.0
     score = astral_score(v["age"], v["nihss"], v["onset_to_door"], v["vfd"], v["glucose"],
                          v["dloc"])
     log_odds_good = (OUTCOME_OFFSET - (ASTRAL_SLOPE * score + ASTRAL_INTERCEPT)
@@ -243,13 +259,15 @@ def _outcome(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:
                      + AF_LOG_OR * v["af"]
                      - 0.012 * np.maximum(v["sbp"] - 170.0, 0.0)
                      - 0.02 * np.maximum(110.0 - v["sbp"], 0.0)
+                     + core_term
                      + rng.normal(0.0, FRAILTY_SD, n))
     v["p_good"] = _expit(log_odds_good)
     v["good"] = rng.random(n) < v["p_good"]
 
 
 def generate_cohort(profile: SiteProfile, rng: np.random.Generator, n: int | None = None, *,
-                    include_latent: bool = False) -> dict[str, np.ndarray]:
+                    include_latent: bool = False, imaging: bool = False
+                    ) -> dict[str, np.ndarray]:
     """One site's patients as columns (TABLE_COLUMNS); `include_latent` adds `_`-prefixed truths.
 
     Latent columns (`_lvo`, `_visual_field_defect`, `_decreased_consciousness`, `_p_good`) are
@@ -260,6 +278,8 @@ def generate_cohort(profile: SiteProfile, rng: np.random.Generator, n: int | Non
         raise ValueError("n must be >= 0")
     v = _patients(profile, rng, n)
     _treatments(profile, rng, v)
+    if imaging:  # only then: keeps every table-only cohort exactly as it was
+        _infarct_core(rng, v)
     _outcome(rng, v)
     width = max(6, len(str(n * 10)))
     numbers = rng.choice(10 ** width, size=n, replace=False) if n else np.zeros(0, np.int64)
@@ -284,11 +304,14 @@ def generate_cohort(profile: SiteProfile, rng: np.random.Generator, n: int | Non
         out["_visual_field_defect"] = v["vfd"]
         out["_decreased_consciousness"] = v["dloc"]
         out["_p_good"] = v["p_good"]
+    if imaging:  # the CT generator draws the lesion from it; never a table column
+        out["_core_ml"] = v["core_ml"]
     return out
 
 
 def common_test_set(profiles: list[SiteProfile], rng: np.random.Generator, n: int = 2000, *,
-                    include_latent: bool = False) -> dict[str, np.ndarray]:
+                    include_latent: bool = False, imaging: bool = False
+                    ) -> dict[str, np.ndarray]:
     """A clean, shuffled test set with an equal share of every site's population.
 
     Equal shares (not shares by size) because the federation's model must serve every member
@@ -299,7 +322,7 @@ def common_test_set(profiles: list[SiteProfile], rng: np.random.Generator, n: in
     shares = np.full(len(profiles), n // len(profiles))
     shares[: n % len(profiles)] += 1
     parts = [generate_cohort(replace(p, name=f"t-{p.name}"[:32]), rng, int(k),
-                             include_latent=include_latent)
+                             include_latent=include_latent, imaging=imaging)
              for p, k in zip(profiles, shares, strict=True)]
     order = rng.permutation(n)
     return {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
