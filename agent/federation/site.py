@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from agent.ops.hardware import (
 )
 from agent.ops.status import State, encode_status, offline_status, status_document
 
+if TYPE_CHECKING:
+    from agent.ingest.service import IngestService
+
 log = logging.getLogger(__name__)
 
 MAX_TASK_BYTES = 256 << 20  # tightened against the model layout once issue 5 lands
@@ -54,11 +57,16 @@ MIN_PATIENTS_FOR_METRICS = 10
 
 @dataclass(frozen=True)
 class LocalData:
-    """This site's encoded table split once, deterministically, into train and held-out rows."""
+    """This site's usable rows (with their images for an imaging model), split once,
+    deterministically, into train and held-out rows."""
 
     table: EncodedTable
-    train: np.ndarray  # row indices
+    x: np.ndarray  # encoded features of the usable rows
+    y: np.ndarray
+    images: np.ndarray | None  # float32 [n, depth, size, size] for cnn_fused, else None
+    train: np.ndarray  # row indices into x / y / images
     holdout: np.ndarray
+    rows_without_image: int = 0
 
 
 def _proc_status_mib(*keys: str) -> dict[str, float]:
@@ -117,6 +125,7 @@ class Site:
         self.data: LocalData | None = None
         self.last_error: str | None = None
         self.first_step_after_start_s: float | None = None
+        self.ingest: IngestService | None = None
         self.transport = Transport(
             f"fedsilo-{self.fed}-site-{self.site_id}", config.broker,
             will=Will(topics.site_status(self.fed, self.site_id),
@@ -146,6 +155,9 @@ class Site:
             extra["rows_skipped_reasons"] = ",".join(
                 f"{k}={v}" for k, v in sorted(self.data.table.skipped.items()))
             extra["train_rows"] = int(self.data.train.size)
+            extra["rows_without_image"] = self.data.rows_without_image
+        if self.ingest is not None:
+            extra.update(self.ingest.status_extra())
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
@@ -187,13 +199,46 @@ class Site:
             log.warning("%s: skipped %d of %d rows: %s", self.config.data.table.name,
                         sum(table.skipped.values()), table.rows_read,
                         ", ".join(f"{k}={v}" for k, v in sorted(table.skipped.items())))
-        train, holdout = split_rows(table.x.shape[0], self.config.data.holdout_fraction,
+        x, y, images, no_image = table.x, table.y, None, 0
+        if plan.model.kind == "cnn_fused":
+            x, y, images, no_image = self._join_images(table, plan)
+        train, holdout = split_rows(x.shape[0], self.config.data.holdout_fraction,
                                     self.config.data.split_seed)
         if train.size == 0:
             raise DataError(f"{self.config.data.table}: no usable rows")
         self.plan = plan
-        self.data = LocalData(table=table, train=train, holdout=holdout)
+        self.data = LocalData(table=table, x=x, y=y, images=images, train=train,
+                              holdout=holdout, rows_without_image=no_image)
         return self.data
+
+    def _join_images(self, table: EncodedTable, plan: Plan
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Keep the rows whose patient has a stored series (joined by keyed hash of the id)."""
+        assert plan.imaging is not None
+        if table.ids is None:
+            raise DataError(f"{self.config.source}: an imaging model needs data.id_column to "
+                            "join table rows with images")
+        rows, images = self._ingest_service().images_for(table.ids, plan.imaging)
+        missing = table.x.shape[0] - rows.size
+        if missing:
+            log.warning("%d of %d table rows have no stored image series; the imaging model "
+                        "trains on the other %d", missing, table.x.shape[0], rows.size)
+        return table.x[rows], table.y[rows], images, missing
+
+    def _ingest_service(self) -> IngestService:
+        """Started at launch when a listener or watch folder is configured, else on first need
+        (pydicom and friends are imported only then: table-only sites stay light)."""
+        if self.ingest is None:
+            from agent.ingest.service import IngestService
+
+            self.ingest = IngestService(self.config.state_dir, self.config.dicom)
+            self.ingest.start()
+        return self.ingest
+
+    def _images(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Keyword arguments that hand an imaging model its images (nothing for table models)."""
+        assert self.data is not None
+        return {} if self.data.images is None else {"images": self.data.images[idx]}
 
     def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         assert self.data is not None
@@ -201,8 +246,8 @@ class Site:
         if idx.size < MIN_PATIENTS_FOR_METRICS:
             # Metrics on a handful of patients say too much about each of them: suppressed.
             return {"n": 0, "loss": None, "auc": None, "accuracy": None}
-        y = self.data.table.y[idx]
-        p = predict_proba(layout, params, x[idx], self.kernels)
+        y = self.data.y[idx]
+        p = predict_proba(layout, params, x[idx], self.kernels, **self._images(idx))
         auc = metrics.roc_auc(y, p)
         return {"n": int(idx.size), "loss": float(metrics.log_loss(y, p)),
                 "auc": None if not np.isfinite(auc) else float(auc),
@@ -236,27 +281,28 @@ class Site:
         data = self._ensure_data(plan)
         if m.body_kind is BodyKind.STATS_TASK:
             self.state = State.STATS
-            moments = local_moments(data.table.x[data.train])
+            moments = local_moments(data.x[data.train])
             self._reply(m, BodyKind.STATS, moments.to_vector().astype("<f8").tobytes(),
                         {"n_rows": int(data.train.size)})
             return
         layout = Layout.from_dict(meta.get("layout"))
         mean = np.asarray(meta.get("mean"), dtype=np.float64)
         scale = np.asarray(meta.get("scale"), dtype=np.float64)
-        width = data.table.x.shape[1]
+        width = data.x.shape[1]
         if mean.shape != (width,) or scale.shape != (width,) or len(body) != layout.size * 4:
             raise ProtocolError("task_shape_mismatch")
         params = np.frombuffer(body, dtype="<f4").astype(np.float32)
-        x = apply_standardization(data.table.x, mean, scale)
+        x = apply_standardization(data.x, mean, scale)
         evaluation = self._evaluate(layout, params, x)
         if m.body_kind is BodyKind.EVALUATE:
             self._reply(m, BodyKind.EVALUATION, b"", {"eval": evaluation})
             return
         self.state = State.TRAINING
         self.publish_status()
-        result = train_local(layout, params, x[data.train], data.table.y[data.train],
+        result = train_local(layout, params, x[data.train], data.y[data.train],
                              plan.training, seed=plan.seed * 100_003 + m.round,
-                             kernels=self.kernels, first_step_callback=self._first_step)
+                             kernels=self.kernels, first_step_callback=self._first_step,
+                             **self._images(data.train))
         delta = (result.params - params).astype("<f4")
         report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
@@ -333,6 +379,8 @@ class Site:
     def run(self, *, exit_when_finished: bool = True) -> int:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_state()
+        if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
+            self._ingest_service()
         self.transport.connect()
         self.state = State.IDLE
         self.publish_status()
@@ -351,6 +399,8 @@ class Site:
                     last_status = time.monotonic()
             return 0
         finally:
+            if self.ingest is not None:
+                self.ingest.stop()
             anon, file_backed = resident_split_mib()
             log.info("stopping; peak RSS %.1f MiB (now %.1f MiB private, %.1f MiB file-backed "
                      "shared code)", peak_rss_mib(), anon, file_backed)

@@ -1,0 +1,139 @@
+"""The site agent's imaging side as one service: listener + watch folder -> one queue -> pipeline.
+
+The DICOM listener and the watch folder only drop files into `incoming/` and enqueue them; one
+consumer thread runs the ingest pipeline on each (so decoding never blocks a C-STORE
+association or the MQTT loop) and completes series after their quiet period. The federation
+code asks this service for the preprocessed image of each (pseudonymised) patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import DicomSources, ImagingSpec
+from agent.ingest.deid import load_or_create_secret, pseudonym
+from agent.ingest.pipeline import IngestPipeline
+
+log = logging.getLogger(__name__)
+
+COMPLETE_EVERY_S = 1.0
+
+
+class IngestService:
+    def __init__(self, state_dir: Path, dicom: DicomSources, *,
+                 kernel_backend: str = "auto") -> None:
+        self.state_dir = Path(state_dir)
+        self.dicom = dicom
+        self.incoming = self.state_dir / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.pipeline = IngestPipeline(self.state_dir, None, kernel_backend=kernel_backend)
+        self.secret = load_or_create_secret(self.state_dir)
+        self.queue: queue.Queue[tuple[Path, str]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._consume, name="ingest", daemon=True)
+        self._listener = None
+        self._watch = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        # Files left in incoming/ by a previous run (crash, restart) are ingested first.
+        for path in sorted(self.incoming.glob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                self.queue.put((path, "incoming"))
+        if self.dicom.listen:
+            from agent.ingest.listener import DicomListener
+
+            self._listener = DicomListener(self.dicom, self.incoming, self.enqueue)
+            self._listener.start()
+            log.info("DICOM listener %s on port %d", self.dicom.ae_title, self._listener.port)
+        if self.dicom.watch_dir is not None:
+            from agent.ingest.watch import WatchFolder
+
+            self._watch = WatchFolder(self.dicom.watch_dir, self.incoming, self.enqueue)
+            self._watch.start()
+            log.info("watching %s for DICOM files", self.dicom.watch_dir)
+        self._thread.start()
+
+    def stop(self) -> None:
+        for component in (self._listener, self._watch):
+            if component is not None:
+                component.stop()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.pipeline.close()
+
+    @property
+    def listener_port(self) -> int | None:
+        return None if self._listener is None else self._listener.port
+
+    def enqueue(self, path: Path, source: str) -> None:
+        self.queue.put((path, source))
+
+    def _consume(self) -> None:
+        last_complete = 0.0
+        while not self._stop.is_set():
+            try:
+                path, source = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                path = None
+            if path is not None:
+                outcome = self.pipeline.ingest_file(path, source=source, consume=True)
+                if outcome.status == "quarantined":
+                    log.warning("quarantined a file from %s: %s", source, outcome.reason)
+            now = time.time()
+            if now - last_complete >= COMPLETE_EVERY_S:
+                last_complete = now
+                try:
+                    self.pipeline.complete_series(quiet_s=self.dicom.series_quiet_s, now=now)
+                except Exception:  # noqa: BLE001 - a bad series must not end the ingest thread
+                    log.exception("completing series failed")
+
+    # ------------------------------------------------------------------ for training
+
+    def set_imaging(self, imaging: ImagingSpec) -> None:
+        self.pipeline.set_imaging(imaging)
+
+    def images_for(self, patient_ids: Sequence[str], imaging: ImagingSpec
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Images of these clinical-table patients, joined by keyed hash of their id.
+
+        Returns (row indices that have an image, float32 [k, depth, size, size])."""
+        self.set_imaging(imaging)
+        self.pipeline.complete_series(quiet_s=self.dicom.series_quiet_s)
+        available = self.pipeline.store.series_for_patients()
+        rows, arrays = [], []
+        shape = (imaging.depth, imaging.size, imaging.size)
+        for i, pid in enumerate(patient_ids):
+            path = available.get(pseudonym(self.secret, pid))
+            if path is None:
+                continue
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == shape and arr.dtype == np.float32:
+                rows.append(i)
+                arrays.append(arr)
+        images = np.stack(arrays) if arrays else np.zeros((0, *shape), np.float32)
+        return np.asarray(rows, dtype=np.int64), images
+
+    def status_extra(self) -> dict[str, Any]:
+        """Flat counters for the retained site status."""
+        s = self.pipeline.summary()
+        out: dict[str, Any] = {"ingest_stored": s.get("stored", 0),
+                               "ingest_duplicates": s.get("duplicates", 0),
+                               "ingest_queue": self.queue.qsize(),
+                               "series_complete": s.get("series_complete", 0)}
+        for group in ("quarantined", "skipped", "series_invalid"):
+            counts = s.get(group, {})
+            out[f"ingest_{group}"] = sum(counts.values())
+            out[f"ingest_{group}_reasons"] = ",".join(f"{k}={v}" for k, v in
+                                                      sorted(counts.items()))
+        return out
