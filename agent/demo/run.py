@@ -113,13 +113,18 @@ def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
     return DemoFiles(out=out, plan=plan, profiles=profiles, test_path=test_path)
 
 
-def start_sites(files: DemoFiles, port: int, names: list[str] | None = None
-                ) -> list[tuple[str, subprocess.Popen[bytes]]]:
-    """Each hospital as its own `fedsilo site run` process, logging to its own file."""
+def start_sites(files: DemoFiles, port: int, names: list[str] | None = None, *,
+                config_name: str | None = None) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """Each hospital as its own `fedsilo site run` process, logging to its own file.
+
+    With `config_name`, each site's existing config of that name is used as written."""
     procs = []
     for name in names or [p.name for p in files.profiles]:
-        cfg = _write_site(files.out, name, port, files.plan.federation)
-        with open(cfg.parent / "site.log", "wb") as log:
+        if config_name is None:
+            cfg = _write_site(files.out, name, port, files.plan.federation)
+        else:
+            cfg = files.out / "sites" / name / config_name
+        with open(cfg.with_suffix(".log"), "wb") as log:
             procs.append((name, subprocess.Popen(
                 [sys.executable, "-m", "agent", "site", "run", "--config", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT,
@@ -138,11 +143,13 @@ def wait_sites(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: floa
             print(f"  warning: site {name} exited with {proc.returncode}; see its site.log")
 
 
-def coordinator_for(files: DemoFiles, port: int, **kwargs: Any) -> Coordinator:
-    (files.out / "coordinator.toml").write_text(dumps_toml({
-        "coordinator": {"state_dir": "coordinator"},
+def coordinator_for(files: DemoFiles, port: int, *, state_name: str = "coordinator",
+                    **kwargs: Any) -> Coordinator:
+    shutil.rmtree(files.out / state_name, ignore_errors=True)  # a demo starts afresh
+    (files.out / f"{state_name}.toml").write_text(dumps_toml({
+        "coordinator": {"state_dir": state_name},
         "broker": {"host": "127.0.0.1", "port": port}}))
-    config = CoordinatorConfig(state_dir=files.out / "coordinator",
+    config = CoordinatorConfig(state_dir=files.out / state_name,
                                broker=BrokerConfig(port=port))
     return Coordinator(config, files.plan, **kwargs)
 
