@@ -23,6 +23,14 @@ KERNEL_NAMES = (
     "sgd_momentum_step",
     "adam_step",
     "weighted_accumulate",
+    "preprocess_slice",
+    "resample_depth",
+    "conv2d_forward",
+    "conv2d_backward",
+    "maxpool2_forward",
+    "maxpool2_backward",
+    "global_avgpool_forward",
+    "global_avgpool_backward",
 )
 BACKEND_NAMES = ("reference", "cpu", "gpu")
 

@@ -348,3 +348,17 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
     _f32("x", x, 1)
     _same_shape("acc and x", acc, x)
     (_axpy_parallel if _parallel(acc.size) else _axpy_serial)(acc, x, _F32(weight))
+
+
+# ---------------------------------------------------------------------------- by concern
+# Imaging and conv kernels live in their own modules; re-exported so the backend namespace is
+# one flat set of kernel names. They read PARALLEL_MIN_WORK from this module at call time.
+from kernels.cpu_conv import (  # noqa: E402, F401
+    conv2d_backward,
+    conv2d_forward,
+    global_avgpool_backward,
+    global_avgpool_forward,
+    maxpool2_backward,
+    maxpool2_forward,
+)
+from kernels.cpu_imaging import preprocess_slice, resample_depth  # noqa: E402, F401

@@ -171,3 +171,17 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
     _check("x", x, 1, acc.dtype)
     _same_shape("acc and x", acc, x)
     acc += acc.dtype.type(weight) * x
+
+
+# ---------------------------------------------------------------------------- by concern
+# Imaging and conv kernels live in their own modules; the backend namespace
+# re-exports them so callers see one flat set of kernel names.
+from kernels.ref_conv import (  # noqa: E402, F401
+    conv2d_backward,
+    conv2d_forward,
+    global_avgpool_backward,
+    global_avgpool_forward,
+    maxpool2_backward,
+    maxpool2_forward,
+)
+from kernels.ref_imaging import preprocess_slice, resample_depth  # noqa: E402, F401

@@ -34,7 +34,7 @@ class TrainResult:
 
 
 def _check_inputs(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  training: TrainingSpec) -> None:
+                  training: TrainingSpec, images: np.ndarray | None) -> None:
     for name, a in (("params", params), ("x", x), ("y", y)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32:
             raise TypeError(f"{name} must be a float32 array")
@@ -44,6 +44,14 @@ def _check_inputs(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarr
         raise ValueError(f"x must have shape (n >= 1, {layout.n_inputs}), got {x.shape}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    if layout.image_shape is None and images is not None:
+        raise ValueError(f"a {layout.kind} model reads no images, but images were given")
+    if layout.image_shape is not None:
+        want = (x.shape[0], *layout.image_shape)
+        if not isinstance(images, np.ndarray) or images.dtype != np.float32 \
+                or images.shape != want:
+            raise ValueError(f"a {layout.kind} model needs float32 images of shape {want}, got "
+                             f"{getattr(images, 'dtype', None)} {getattr(images, 'shape', None)}")
     if training.local_epochs < 1 or training.batch_size < 1:
         raise ValueError("local_epochs and batch_size must be at least 1")
     if training.optimizer not in ("sgd", "adam"):
@@ -75,13 +83,17 @@ def _make_step(training: TrainingSpec, size: int,
 
 def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
                 training: TrainingSpec, *, seed: int, kernels: ModuleType,
-                first_step_callback: Callable[[], None] | None = None) -> TrainResult:
+                first_step_callback: Callable[[], None] | None = None,
+                images: np.ndarray | None = None) -> TrainResult:
     """Train from `params` on (x, y) for `training.local_epochs` epochs of shuffled batches.
+
+    `images` (float32 [n, depth, h, w], row i belonging to x[i]) is required by a cnn_fused
+    layout and refused otherwise; each batch takes the same shuffled rows of all three.
 
     `first_step_callback` runs once right after the first optimizer step, so the daemon can
     measure "process start to first training step" (JIT and data loading included).
     """
-    _check_inputs(layout, params, x, y, training)
+    _check_inputs(layout, params, x, y, training, images)
     start = time.perf_counter()
     p = np.array(params, dtype=np.float32, copy=True, order="C")
     step = _make_step(training, layout.size, kernels)
@@ -94,7 +106,8 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
         total = 0.0
         for lo in range(0, n, bs):
             idx = order[lo:lo + bs]
-            loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels)
+            batch_images = None if images is None else images[idx]
+            loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels, batch_images)
             step(p, grad)
             steps += 1
             if steps == 1 and first_step_callback is not None:

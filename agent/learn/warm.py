@@ -36,6 +36,24 @@ def _exercise(k: ModuleType, n: int) -> None:
     k.adam_step(p, g, np.zeros(size, np.float32), np.zeros(size, np.float32), 0.1, 0.9, 0.999,
                 1e-8, 1, 0.0)
     k.weighted_accumulate(p, g, 0.5)
+    _exercise_imaging(k, n)
+
+
+def _exercise_imaging(k: ModuleType, n: int) -> None:
+    """Imaging and CNN kernels at about n output elements: every stored pixel dtype, a conv
+    stack's forward and backward."""
+    side = max(2, 2 * int(np.sqrt(max(n, 1)) // 2))  # even, about sqrt(n)
+    for dtype in (np.int16, np.uint16, np.int32, np.float32):
+        k.preprocess_slice(np.ones((3, 3), dtype), 1.0, -1024.0, 40.0, 80.0, side, side)
+    k.resample_depth(np.ones((2, side, side), np.float32), np.array([0.0, 1.0]), 2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, side, side), dtype=np.float32)
+    w = rng.standard_normal((1, 1, 3, 3), dtype=np.float32)
+    y = k.conv2d_forward(x, w, np.zeros(1, np.float32))
+    k.conv2d_backward(x, w, y)
+    pooled, arg = k.maxpool2_forward(y)
+    k.maxpool2_backward(pooled, arg, y.shape)
+    k.global_avgpool_backward(k.global_avgpool_forward(y), y.shape)
 
 
 def warm_kernels() -> float:

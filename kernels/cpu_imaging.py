@@ -1,0 +1,134 @@
+"""Numba imaging preprocessing: the fused one-pass versions of `kernels.ref_imaging`.
+
+Design: `_slice_pixel` holds the math for one output pixel (bilinear sample of the stored value,
+rescale to HU, window, clip — see ref_imaging for why that order is right); a row loop calls it,
+serial or `prange` over rows by output size. Nothing is allocated but the output: source
+coordinates are recomputed per pixel (a few flops against a memory read). Each stored dtype
+(int16, uint16, int32, float32) compiles its own specialisation; the facades share argument
+checks with the reference, so every backend rejects the same inputs with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from kernels.ref_imaging import check_depth_args, check_slice_args, depth_coords
+
+_F32 = np.float32
+_jit = njit(cache=True, fastmath=False)
+_pjit = njit(cache=True, fastmath=False, parallel=True)
+
+
+def _parallel(work: int) -> bool:
+    """One threshold for the whole cpu backend: `kernels.cpu.PARALLEL_MIN_WORK` (tests lower it).
+
+    Imported at call time because kernels.cpu imports this module.
+    """
+    from kernels import cpu
+
+    return work >= cpu.PARALLEL_MIN_WORK
+
+
+# ---------------------------------------------------------------------------- one slice
+
+
+@_jit
+def _src(d, scale, n_in):  # pragma: no cover - compiled
+    """Pixel-centre source coordinate of output index d: (lower, upper, weight of upper)."""
+    s = (d + 0.5) * scale - 0.5
+    s = min(max(s, 0.0), n_in - 1.0)
+    lo = min(int(math.floor(s)), n_in - 1)
+    return lo, min(lo + 1, n_in - 1), s - lo
+
+
+@_jit
+def _slice_row(p, out, r, sy, sx, slope, intercept, low, width):  # pragma: no cover - compiled
+    h, w = p.shape
+    y0, y1, fy = _src(r, sy, h)
+    for c in range(out.shape[1]):
+        x0, x1, fx = _src(c, sx, w)
+        top = (1.0 - fx) * p[y0, x0] + fx * p[y0, x1]
+        bottom = (1.0 - fx) * p[y1, x0] + fx * p[y1, x1]
+        hu = ((1.0 - fy) * top + fy * bottom) * slope + intercept
+        out[r, c] = min(max((hu - low) / width, 0.0), 1.0)
+
+
+@_jit
+def _slice_serial(p, out, sy, sx, slope, intercept, low, width):  # pragma: no cover - compiled
+    for r in range(out.shape[0]):
+        _slice_row(p, out, r, sy, sx, slope, intercept, low, width)
+
+
+@_pjit
+def _slice_parallel(p, out, sy, sx, slope, intercept, low, width):  # pragma: no cover
+    for r in prange(out.shape[0]):
+        _slice_row(p, out, r, sy, sx, slope, intercept, low, width)
+
+
+@_jit
+def _all_finite(p):  # pragma: no cover - compiled
+    for v in p.reshape(-1):
+        if not math.isfinite(v):
+            return False
+    return True
+
+
+def preprocess_slice(pixels: np.ndarray, slope: float, intercept: float, center: float,
+                     width: float, out_rows: int, out_cols: int) -> np.ndarray:
+    """Stored pixel values -> windowed HU in [0, 1] on an out_rows x out_cols grid, one pass.
+
+    Raises ValueError on non-finite float32 pixels (a NaN would leak through the clip).
+    """
+    check_slice_args(pixels, slope, intercept, center, width, out_rows, out_cols)
+    if pixels.dtype == _F32 and not _all_finite(pixels):
+        raise ValueError("pixels contain NaN or infinity")
+    h, w = pixels.shape
+    out = np.empty((int(out_rows), int(out_cols)), dtype=_F32)
+    low = float(center) - float(width) / 2.0
+    kernel = _slice_parallel if _parallel(out.size) else _slice_serial
+    kernel(pixels, out, h / out.shape[0], w / out.shape[1], float(slope), float(intercept), low,
+           float(width))
+    return out
+
+
+# ---------------------------------------------------------------------------- depth
+
+
+@_jit
+def _depth_row(stack, seg, f, out, q):  # pragma: no cover - compiled
+    """Row q of the flattened (depth x H) output rows."""
+    rows = out.shape[1]
+    j, r = q // rows, q % rows
+    lo = seg[j]
+    hi = min(lo + 1, stack.shape[0] - 1)
+    wt = f[j]
+    for c in range(out.shape[2]):
+        out[j, r, c] = (1.0 - wt) * stack[lo, r, c] + wt * stack[hi, r, c]
+
+
+@_jit
+def _depth_serial(stack, seg, f, out):  # pragma: no cover - compiled
+    for q in range(out.shape[0] * out.shape[1]):
+        _depth_row(stack, seg, f, out, q)
+
+
+@_pjit
+def _depth_parallel(stack, seg, f, out):  # pragma: no cover - compiled
+    for q in prange(out.shape[0] * out.shape[1]):
+        _depth_row(stack, seg, f, out, q)
+
+
+def resample_depth(stack: np.ndarray, positions: np.ndarray, depth: int) -> np.ndarray:
+    """Linear interpolation of slices [k, H, W] at `positions` onto `depth` even positions.
+
+    Output rows (of every plane) run in parallel when the output is large.
+    """
+    check_depth_args(stack, positions, depth)
+    seg, f = depth_coords(positions, int(depth))
+    out = np.empty((int(depth), *stack.shape[1:]), dtype=_F32)
+    kernel = _depth_parallel if _parallel(out.size) else _depth_serial
+    kernel(stack, seg, f, out)
+    return out
