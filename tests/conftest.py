@@ -9,6 +9,14 @@ import pytest
 from agent.federation.broker import MOSQUITTO_HINT, LocalMosquitto, find_mosquitto
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_sites():
+    yield
+    from tests.fedharness import kill_leftovers
+
+    kill_leftovers()
+
+
 @pytest.fixture
 def mosquitto():
     if find_mosquitto() is None:

@@ -33,11 +33,25 @@ def write_site_config(directory: Path, site: str, federation: str, port: int, ta
     return cfg
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # killed after each test by conftest
+
+
 def start_site(config: Path, log: Path) -> subprocess.Popen[bytes]:
     fh = open(log, "wb")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "agent", "site", "run", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "site", "run", "--config",
                              str(config)], stdout=fh, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """A failed test must not leave site processes behind (they would reconnect forever)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 class CoordinatorThread:

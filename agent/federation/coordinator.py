@@ -87,7 +87,10 @@ class Coordinator:
         self.kernels: ModuleType = kernel_registry.get_backend(backend)
         self.state_dir = Path(config.state_dir)
         self.columns = encoded_columns(plan.features)
-        self.layout: Layout = build_layout(plan.model, len(self.columns))
+        image_shape = None
+        if plan.model.kind == "cnn_fused" and plan.imaging is not None:
+            image_shape = (plan.imaging.depth, plan.imaging.size, plan.imaging.size)
+        self.layout: Layout = build_layout(plan.model, len(self.columns), image_shape)
         self.plan_doc = plan_to_toml_dict(plan)
         self.digest = plan_digest(plan)
         self.stop_event = threading.Event()
