@@ -87,6 +87,35 @@ def _cmd_warm_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.config import ImagingSpec, load_plan
+    from agent.ingest.pipeline import IngestPipeline
+
+    imaging = (load_plan(args.plan).imaging if args.plan else None) or ImagingSpec()
+    pipeline = IngestPipeline(Path(args.state), imaging, kernel_backend=args.backend)
+    try:
+        pipeline.ingest_tree(Path(args.path), progress=True)
+        pipeline.complete_series(quiet_s=0.0)
+        summary = pipeline.summary()
+    finally:
+        pipeline.close()
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+
+    def reasons(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+    print(f"stored {summary['stored']} files, {summary['duplicates']} duplicates")
+    print(f"quarantined: {reasons(summary['quarantined'])} (in {Path(args.state) / 'quarantine'})")
+    print(f"skipped: {reasons(summary['skipped'])}")
+    print(f"series: {summary['series_complete']} complete, {summary['series_pending']} pending, "
+          f"invalid: {reasons(summary['series_invalid'])}")
+    return 0
+
+
 def _cmd_hardware_show(args: argparse.Namespace) -> int:
     import json
 
@@ -163,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated cohorts")
     demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     demo.set_defaults(func=_cmd_demo)
+
+    ingest = sub.add_parser("ingest", help="ingest a folder of DICOM files (or a DICOMDIR) "
+                                           "into a site's image store, once")
+    ingest.add_argument("path", help="folder tree, single file or DICOMDIR")
+    ingest.add_argument("--state", required=True, help="the site's state directory")
+    ingest.add_argument("--plan", help="federation plan TOML whose [imaging] grid to use "
+                                       "(default: the built-in grid)")
+    ingest.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, reference")
+    ingest.add_argument("--json", action="store_true", help="print the summary as one JSON "
+                                                            "object")
+    ingest.set_defaults(func=_cmd_ingest)
 
     hw = sub.add_parser("hardware", help="host facts, kernel backends and hardware profile")
     hw_sub = hw.add_subparsers(dest="hardware_command", required=True)

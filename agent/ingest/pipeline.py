@@ -1,0 +1,298 @@
+"""The ingest pipeline: one DICOM file in, one outcome out; complete series become arrays.
+
+    read (caps first) -> classify (CT/MR only) -> pseudonymise -> duplicate? -> header checks
+    -> decode (compressed: in a worker process) -> store pending slices
+    complete_series: quiet series -> order/validate -> preprocess to the plan's grid -> store
+
+`ingest_file` never raises for bad input: every problem is an `IngestOutcome` with a PHI-free
+reason, and a file that cannot be used is quarantined. Logs name reasons, counts and
+pseudonyms only — never an input path (PACS exports put patient names in file names) and
+never a DICOM value. This is the composition root of the imaging side: the listener, the
+watch folder and `fedsilo ingest` all call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from agent.config import ImagingSpec
+from agent.errors import DataError
+from agent.ingest import store as image_store
+from agent.ingest.decode_worker import DecodePool, as_frames, decode_native
+from agent.ingest.deid import load_or_create_secret, pseudonymise, quiet_pydicom
+from agent.ingest.dicom_read import classify, dicomdir_files, parse_header, read_dataset
+from agent.ingest.preprocess import SliceInput, preprocess_series
+from agent.ingest.quarantine import (
+    DUPLICATE,
+    INTERNAL_ERROR,
+    NOT_A_FILE,
+    QUARANTINED,
+    SERIES_CLOSED,
+    SKIPPED,
+    STORE_FAILED,
+    STORED,
+    Quarantine,
+    Rejected,
+)
+from agent.ingest.series import check_series
+
+log = logging.getLogger(__name__)
+
+# Series reasons decided here (the geometric ones live in series.py).
+MODALITY_MISMATCH = "modality_mismatch"  # e.g. an MR series when the plan's grid is for CT
+PENDING_LOST = "pending_lost"  # a pending slice array vanished from disk
+PREPROCESS_FAILED = "preprocess_failed"  # the kernels refused the slices (logged by type)
+
+_SOURCE = re.compile(r"[^A-Za-z0-9_.:@-]")
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: str  # "stored" | "duplicate" | "quarantined" | "skipped"
+    reason: str | None = None  # PHI-free code for quarantined/skipped
+
+
+class IngestPipeline:
+    """Thread-safe; one instance per state directory and process."""
+
+    def __init__(self, state_dir: Path, imaging: ImagingSpec | None = None, *,
+                 kernel_backend: str = "auto", decode_workers: int = 1,
+                 decode_timeout_s: float = 60.0, decoder: DecodePool | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.secret = load_or_create_secret(self.state_dir)
+        self.store = image_store.ImageStore(self.state_dir / "images")
+        self.quarantine = Quarantine(self.state_dir / "quarantine")
+        self._own_decoder = decoder is None  # a pool handed in (tests share one) stays open
+        self.decoder = decoder or DecodePool(decode_workers, decode_timeout_s)
+        self._imaging = imaging
+        self._kernel_backend = kernel_backend
+        self._kernels: Any = None
+        self._counts_lock = threading.Lock()
+        self._complete_lock = threading.Lock()
+        self._files: Counter[str] = Counter()
+        self._reasons: dict[str, Counter[str]] = {QUARANTINED: Counter(), SKIPPED: Counter()}
+
+    # ------------------------------------------------------------------ files
+
+    def ingest_file(self, path: Path, *, source: str = "file",
+                    consume: bool = False) -> IngestOutcome:
+        """Ingest one file; `consume` deletes it afterwards (moved, if quarantined)."""
+        path = Path(path)
+        source = _SOURCE.sub("_", source)[:64] or "file"
+        try:
+            with quiet_pydicom():
+                outcome = self._ingest(path, source)
+        except Rejected as exc:
+            outcome = IngestOutcome(exc.status, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one file, not the agent
+            log.error("internal error while ingesting a file (%s)", type(exc).__name__)
+            outcome = IngestOutcome(QUARANTINED, INTERNAL_ERROR)
+        if outcome.status == QUARANTINED:
+            where = self.quarantine.put(path, outcome.reason or INTERNAL_ERROR, consume=consume)
+            log.debug("quarantined a file from %s: %s%s", source, outcome.reason,
+                     "" if where else " (copy failed, input kept)")
+        elif consume and outcome.reason != NOT_A_FILE:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove an ingested file (%s)", type(exc).__name__)
+        self._count(outcome)
+        return outcome
+
+    def _ingest(self, path: Path, source: str) -> IngestOutcome:
+        ds = read_dataset(path)
+        modality = classify(ds)
+        ids = pseudonymise(ds, self.secret)
+        if self.store.has_instance(ids.sop):
+            return IngestOutcome(DUPLICATE)
+        header = parse_header(ds, modality)
+        raw = self.decoder.decode(path) if header.compressed else decode_native(ds)
+        del ds
+        pixels = as_frames(raw, header)
+        try:
+            result = self.store.add_instance(ids, header, pixels, received=time.time(),
+                                             source=source)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("could not store an instance (%s)", type(exc).__name__)
+            raise Rejected(STORE_FAILED) from None
+        if result == image_store.SERIES_CLOSED:
+            raise Rejected(SERIES_CLOSED)
+        if result == image_store.DUPLICATE:
+            return IngestOutcome(DUPLICATE)
+        log.debug("stored instance %s of series %s (%d frame(s))", ids.sop[:8], ids.series[:8],
+                  header.frames)
+        return IngestOutcome(STORED)
+
+    def _count(self, outcome: IngestOutcome) -> None:
+        with self._counts_lock:
+            self._files[outcome.status] += 1
+            if outcome.status in self._reasons:
+                self._reasons[outcome.status][outcome.reason or "unknown"] += 1
+
+    def ingest_tree(self, root: Path, *, progress: bool = False,
+                    stream: TextIO | None = None) -> dict[str, Any]:
+        """Every file under `root` (or a single file; a DICOMDIR file brings the files it
+        lists). Symbolic links and hidden files are not followed. Returns `summary()`."""
+        root = Path(root)
+        files = _tree_files(root)
+        bar = _Progress(len(files), stream or sys.stderr) if progress else None
+        for i, path in enumerate(files, 1):
+            if path is None:
+                self._count(IngestOutcome(SKIPPED, NOT_A_FILE))
+            else:
+                self.ingest_file(path, source="tree")
+            if bar is not None:
+                bar.update(i, self._files)
+        if bar is not None:
+            bar.finish(self._files)
+        return self.summary()
+
+    # ------------------------------------------------------------------ series
+
+    def set_imaging(self, imaging: ImagingSpec) -> None:
+        """The plan's grid; series waiting for one are completed at the next call."""
+        self._imaging = imaging
+
+    def complete_series(self, *, quiet_s: float, now: float | None = None) -> list[str]:
+        """Assemble and preprocess every series quiet for `quiet_s`; returns the pseudonyms
+        of the series that became complete (invalid ones are counted in `summary`). Without
+        an imaging spec nothing is completed."""
+        imaging = self._imaging
+        if imaging is None:
+            return []
+        now = time.time() if now is None else now
+        done: list[str] = []
+        with self._complete_lock:
+            due = self.store.due_series(now, quiet_s)
+            if due and self._kernels is None:
+                # A missing or unusable backend is our configuration problem, not the series':
+                # it raises here and the series stay pending.
+                import kernels
+
+                self._kernels = kernels.get_backend(self._kernel_backend)
+            for series in due:
+                try:
+                    reason, n, array = self._assemble(series, imaging)
+                except Exception as exc:  # noqa: BLE001 - one bad series must not stop others
+                    log.error("series %s failed to preprocess (%s)", series[:8],
+                              type(exc).__name__)
+                    reason, n, array = PREPROCESS_FAILED, 0, None
+                self.store.finish_series(series, reason=reason, n_slices=n, now=now,
+                                         array=array, imaging=imaging if array is not None
+                                         else None)
+                if reason is None:
+                    done.append(series)
+                log.log(logging.DEBUG if reason is None else logging.INFO,
+                        "series %s: %s (%d slices)", series[:8], reason or "complete", n)
+        return done
+
+    def _assemble(self, series: str, imaging: ImagingSpec
+                  ) -> tuple[str | None, int, np.ndarray | None]:
+        items = self.store.pending_slices(series)
+        if not items:
+            return PENDING_LOST, 0, None
+        if self.store.series_modality(series) != imaging.modality:
+            return MODALITY_MISMATCH, len(items), None
+        check = check_series([i.geom for i in items],
+                             min_slices=2 if imaging.depth > 1 else 1)
+        if not check.ok:
+            return check.reason, len(check.slices), None
+        by_key = {i.geom.key: i for i in items}
+        inputs = []
+        for idx, position in zip(check.order, check.positions, strict=True):
+            item = by_key[check.slices[idx].key]
+            try:
+                pixels = self.store.load_slice(item)
+            except (OSError, ValueError, IndexError):
+                return PENDING_LOST, len(check.slices), None
+            inputs.append(SliceInput(pixels=pixels, slope=item.slope, intercept=item.intercept,
+                                     position=position))
+        array = np.asarray(preprocess_series(inputs, imaging, self._kernels))
+        shape = (imaging.depth, imaging.size, imaging.size)
+        if array.shape != shape or array.dtype != np.float32 or not np.isfinite(array).all():
+            return PREPROCESS_FAILED, len(inputs), None
+        return None, len(inputs), array
+
+    # ------------------------------------------------------------------ status
+
+    def summary(self) -> dict[str, Any]:
+        """File counts since this pipeline opened; series counts are the store's totals."""
+        counts = self.store.counts()
+        with self._counts_lock:
+            return {
+                "stored": self._files[STORED],
+                "duplicates": self._files[DUPLICATE],
+                "skipped": dict(sorted(self._reasons[SKIPPED].items())),
+                "quarantined": dict(sorted(self._reasons[QUARANTINED].items())),
+                "series_complete": counts["series"][image_store.COMPLETE],
+                "series_invalid": dict(sorted(counts["series_invalid"].items())),
+                "series_pending": counts["series"][image_store.PENDING],
+                "instances": counts["instances"],
+                "quarantine_held": self.quarantine.counts(),
+            }
+
+    def close(self) -> None:
+        if self._own_decoder:
+            self.decoder.close()
+        self.store.close()
+
+
+def _tree_files(root: Path) -> list[Path | None]:
+    """Files to ingest, sorted; None stands for a link or special file that is skipped."""
+    if root.is_file():
+        files: list[Path | None] = [root]
+        if root.name.upper() == "DICOMDIR":
+            try:
+                with quiet_pydicom():
+                    files += dicomdir_files(root)
+            except Exception:  # noqa: BLE001 - not a readable DICOMDIR: ingest it alone
+                log.warning("could not read the DICOMDIR's file list")
+        return files
+    if not root.is_dir():
+        raise DataError(f"{root}: no such file or directory")
+    out: list[Path | None] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            out.append(p if p.is_file() and not p.is_symlink() else None)
+    return out
+
+
+class _Progress:
+    """One self-overwriting line on a terminal; one final line elsewhere (log files)."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.stream = total, stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+
+    def _line(self, done: int, files: Counter[str]) -> str:
+        return (f"ingest: {done}/{self.total} files, {files[STORED]} stored, "
+                f"{files[DUPLICATE]} duplicate, {files[QUARANTINED]} quarantined, "
+                f"{files[SKIPPED]} skipped")
+
+    def update(self, done: int, files: Counter[str]) -> None:
+        now = time.monotonic()
+        if self.tty and now - self._last >= 0.1:
+            self._last = now
+            self.stream.write("\r" + self._line(done, files))
+            self.stream.flush()
+
+    def finish(self, files: Counter[str]) -> None:
+        self.stream.write(("\r" if self.tty else "") + self._line(self.total, files) + "\n")
+        self.stream.flush()

@@ -1,0 +1,253 @@
+"""The site's local image store: a SQLite index plus .npy arrays under `state_dir/images/`.
+
+    images/index.sqlite        instances (one row per slice) and series (status, reason, array)
+    images/pending/<sop>.npy   de-identified stored pixel values of one instance [frames, r, c]
+    images/series/<series>.npy the preprocessed series, float32 [depth, size, size]
+
+Everything here is already de-identified: keys are pseudonyms, geometry is numbers, pixels are
+arrays. An instance is written to pending/ before its index row commits, so a crash leaves at
+worst an orphan array (removed at the next start), never a row without its pixels. Arrays are
+saved and loaded with allow_pickle=False. The store is thread-safe (one lock, one connection):
+the ingest thread adds instances while the training side asks for finished series.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import ImagingSpec
+from agent.ingest.deid import Pseudonyms
+from agent.ingest.dicom_read import ImageHeader
+from agent.ingest.series import SliceGeom
+
+PENDING, COMPLETE, INVALID = "pending", "complete", "invalid"
+ADDED, DUPLICATE, SERIES_CLOSED = "added", "duplicate", "series_closed"
+ORPHAN_AGE_S = 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop TEXT NOT NULL, frame INTEGER NOT NULL,
+    series TEXT NOT NULL, study TEXT NOT NULL, patient TEXT NOT NULL, modality TEXT NOT NULL,
+    rows INTEGER NOT NULL, columns INTEGER NOT NULL,
+    px REAL NOT NULL, py REAL NOT NULL, pz REAL NOT NULL,
+    orientation TEXT NOT NULL, spacing_r REAL NOT NULL, spacing_c REAL NOT NULL,
+    slope REAL NOT NULL, intercept REAL NOT NULL,
+    received REAL NOT NULL, source TEXT NOT NULL, pending_file TEXT,
+    PRIMARY KEY (sop, frame));
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series);
+CREATE TABLE IF NOT EXISTS series (
+    series TEXT PRIMARY KEY, study TEXT NOT NULL, patient TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'complete', 'invalid')),
+    reason TEXT, n_slices INTEGER NOT NULL DEFAULT 0, array_file TEXT, grid TEXT,
+    first_received REAL NOT NULL, last_received REAL NOT NULL, completed REAL);
+CREATE INDEX IF NOT EXISTS series_status ON series(status);
+"""
+
+
+def grid_label(imaging: ImagingSpec) -> str:
+    """The preprocessing a series went through, so a changed plan never mixes grids."""
+    return (f"{imaging.modality}:{imaging.depth}x{imaging.size}x{imaging.size}:"
+            f"{imaging.window_center:g}/{imaging.window_width:g}")
+
+
+@dataclass(frozen=True)
+class PendingSlice:
+    geom: SliceGeom
+    slope: float
+    intercept: float
+    file: str  # name under pending/
+    frame: int
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save (no pickle) to a private temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.pending_dir = self.root / "pending"
+        self.series_dir = self.root / "series"
+        for d in (self.root, self.pending_dir, self.series_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._remove_orphans()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _remove_orphans(self) -> None:
+        """Arrays whose index row never committed (a crash mid-write), and temp files. Only
+        old ones: another process (a one-shot `fedsilo ingest`) may be writing right now."""
+        referenced = {r[0] for r in self._query(
+            "SELECT DISTINCT pending_file FROM instances WHERE pending_file IS NOT NULL")}
+        cutoff = time.time() - ORPHAN_AGE_S
+        for f in [*self.pending_dir.iterdir(), *self.series_dir.glob(".*")]:
+            try:
+                if f.name not in referenced and f.stat().st_mtime < cutoff:
+                    f.unlink()
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ instances
+
+    def has_instance(self, sop: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop = ? LIMIT 1", (sop,)))
+
+    def add_instance(self, ids: Pseudonyms, header: ImageHeader, pixels: np.ndarray, *,
+                     received: float, source: str) -> str:
+        """ADDED, DUPLICATE (this SOP pseudonym is known) or SERIES_CLOSED (its series was
+        already completed). `pixels` is [frames, rows, columns]."""
+        with self._lock:
+            if self.has_instance(ids.sop):
+                return DUPLICATE
+            status = self._query("SELECT status FROM series WHERE series = ?", (ids.series,))
+            if status and status[0][0] != PENDING:
+                return SERIES_CLOSED
+            name = f"{ids.sop}.npy"
+            save_npy_atomic(self.pending_dir / name, pixels)
+            rows = [(ids.sop, f, ids.series, ids.study, ids.patient, header.modality,
+                     header.rows, header.columns, *g.position,
+                     ",".join(repr(v) for v in g.orientation), *g.pixel_spacing, g.slope,
+                     g.intercept, received, source, name)
+                    for f, g in enumerate(header.geometry)]
+            try:
+                with self._tx() as db:
+                    db.executemany("INSERT INTO instances VALUES "
+                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                    db.execute(
+                        "INSERT INTO series (series, study, patient, modality, status, "
+                        "first_received, last_received) VALUES (?,?,?,?,?,?,?) "
+                        "ON CONFLICT(series) DO UPDATE SET "
+                        "last_received = max(last_received, excluded.last_received)",
+                        (ids.series, ids.study, ids.patient, header.modality, PENDING,
+                         received, received))
+            except sqlite3.IntegrityError:
+                return DUPLICATE  # another process stored the same instance a moment ago
+            except BaseException:
+                (self.pending_dir / name).unlink(missing_ok=True)
+                raise
+            return ADDED
+
+    # ------------------------------------------------------------------ series
+
+    def due_series(self, now: float, quiet_s: float) -> list[str]:
+        """Pending series whose newest instance arrived at least `quiet_s` ago."""
+        return [r[0] for r in self._query(
+            "SELECT series FROM series WHERE status = ? AND last_received <= ? "
+            "ORDER BY last_received", (PENDING, now - quiet_s))]
+
+    def series_modality(self, series: str) -> str | None:
+        rows = self._query("SELECT modality FROM series WHERE series = ?", (series,))
+        return rows[0][0] if rows else None
+
+    def pending_slices(self, series: str) -> list[PendingSlice]:
+        out = []
+        for r in self._query(
+                "SELECT sop, frame, patient, modality, rows, columns, px, py, pz, orientation, "
+                "spacing_r, spacing_c, slope, intercept, pending_file FROM instances "
+                "WHERE series = ? AND pending_file IS NOT NULL ORDER BY received, sop, frame",
+                (series,)):
+            sop, frame, patient, modality, rows, cols, px, py, pz, orient, sr, sc, m, b, f = r
+            geom = SliceGeom(key=f"{sop}/{frame}", patient=patient, modality=modality,
+                             rows=rows, columns=cols, position=(px, py, pz),
+                             orientation=tuple(float(v) for v in orient.split(",")),
+                             pixel_spacing=(sr, sc))
+            out.append(PendingSlice(geom, m, b, f, frame))
+        return out
+
+    def load_slice(self, item: PendingSlice) -> np.ndarray:
+        """One frame's stored values (raises OSError/ValueError if the array is gone/bad)."""
+        arr = np.load(self.pending_dir / item.file, mmap_mode="r", allow_pickle=False)
+        return np.ascontiguousarray(arr[item.frame])
+
+    def finish_series(self, series: str, *, reason: str | None, n_slices: int, now: float,
+                      array: np.ndarray | None = None, imaging: ImagingSpec | None = None
+                      ) -> None:
+        """Mark a series complete (with its array) or invalid (with a reason), then drop its
+        pending pixels."""
+        array_file = None
+        if reason is None:
+            if array is None or imaging is None:
+                raise ValueError("a complete series needs its array and imaging spec")
+            array_file = f"{series}.npy"
+            save_npy_atomic(self.series_dir / array_file, array)
+        files = {r[0] for r in self._query(
+            "SELECT DISTINCT pending_file FROM instances WHERE series = ? "
+            "AND pending_file IS NOT NULL", (series,))}
+        with self._tx() as db:
+            db.execute("UPDATE series SET status = ?, reason = ?, n_slices = ?, array_file = ?, "
+                       "grid = ?, completed = ? WHERE series = ?",
+                       (INVALID if reason else COMPLETE, reason, n_slices, array_file,
+                        None if imaging is None else grid_label(imaging), now, series))
+            db.execute("UPDATE instances SET pending_file = NULL WHERE series = ?", (series,))
+        for f in files:
+            (self.pending_dir / f).unlink(missing_ok=True)
+
+    def series_for_patients(self, imaging: ImagingSpec | None = None) -> dict[str, Path]:
+        """Patient pseudonym -> array of their latest complete series (only series made
+        with `imaging`'s grid, when given)."""
+        sql = "SELECT patient, array_file FROM series WHERE status = ?"
+        args: tuple[Any, ...] = (COMPLETE,)
+        if imaging is not None:
+            sql += " AND grid = ?"
+            args += (grid_label(imaging),)
+        out: dict[str, Path] = {}
+        for patient, name in self._query(sql + " ORDER BY completed, series", args):
+            out[patient] = self.series_dir / name
+        return out
+
+    def counts(self) -> dict[str, Any]:
+        by_status = dict.fromkeys((PENDING, COMPLETE, INVALID), 0)
+        for status, n in self._query("SELECT status, count(*) FROM series GROUP BY status"):
+            by_status[status] = n
+        invalid = {reason: n for reason, n in self._query(
+            "SELECT reason, count(*) FROM series WHERE status = ? GROUP BY reason", (INVALID,))}
+        (instances,), = self._query("SELECT count(DISTINCT sop) FROM instances")
+        (pending,), = self._query("SELECT count(*) FROM instances WHERE pending_file IS NOT NULL")
+        return {"instances": instances, "pending_slices": pending, "series": by_status,
+                "series_invalid": invalid}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
