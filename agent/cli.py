@@ -74,6 +74,12 @@ def _cmd_coordinator_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.imaging:
+        from agent.demo.imaging import run_imaging_demo
+
+        run_imaging_demo(sites=args.sites, rounds=args.rounds, seed=args.seed,
+                         out=Path(args.out))
+        return 0
     from agent.demo.run import run_demo
 
     run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out))
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=15, help="federated rounds (default 15)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated cohorts")
     demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    demo.add_argument("--imaging", action="store_true",
+                      help="also give every patient a head CT (DICOM), ingest it at each site "
+                           "and compare tables alone with tables + CT")
     demo.set_defaults(func=_cmd_demo)
 
     ingest = sub.add_parser("ingest", help="ingest a folder of DICOM files (or a DICOMDIR) "

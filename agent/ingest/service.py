@@ -110,7 +110,7 @@ class IngestService:
         Returns (row indices that have an image, float32 [k, depth, size, size])."""
         self.set_imaging(imaging)
         self.pipeline.complete_series(quiet_s=self.dicom.series_quiet_s)
-        available = self.pipeline.store.series_for_patients()
+        available = self.pipeline.store.series_for_patients(imaging)
         rows, arrays = [], []
         shape = (imaging.depth, imaging.size, imaging.size)
         for i, pid in enumerate(patient_ids):
