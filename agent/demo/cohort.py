@@ -57,7 +57,7 @@ PRESTROKE_DEPENDENT_LOG_OR = -2.5  # pre-stroke mRS >= 3: already dependent befo
 AF_LOG_OR = -0.2
 # Infarct core visible on non-contrast CT (only with `imaging=True`): each 10 ml lowers the odds
 # of a good outcome by ~22%, in the range reported for core volume in thrombectomy cohorts.
-CORE_LOG_OR_PER_ML = -0.025
+CORE_LOG_OR_PER_ML = -0.04
 CORE_CAP_ML = 200.0
 MG_PER_DL_PER_MMOL_L = 18.016  # glucose
 
@@ -241,7 +241,7 @@ def _infarct_core(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:
     log_median = (np.where(v["lvo"], math.log(35.0), math.log(4.0))
                   + 0.3 * np.log(v["onset_to_door"] / 120.0) + 0.03 * (v["nihss"] - 8)
                   + 0.4 * v["vfd"] + 0.4 * v["dloc"])
-    v["core_ml"] = np.clip(np.exp(log_median + rng.normal(0.0, 0.8, n)), 0.2, CORE_CAP_ML)
+    v["core_ml"] = np.clip(np.exp(log_median + rng.normal(0.0, 1.0, n)), 0.2, CORE_CAP_ML)
 
 
 def _outcome(rng: np.random.Generator, v: dict[str, np.ndarray]) -> None:

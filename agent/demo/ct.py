@@ -3,7 +3,7 @@
 Each patient's latent infarct core (`_core_ml` from `cohort.generate_cohort(imaging=True)`)
 becomes a hypodense ellipsoid in a simple head phantom: skull, grey/white matter, ventricles.
 Early ischaemic change on NCCT is subtle (a few HU below ~35 HU parenchyma), so the lesion is
-drawn ~12 HU darker than its surroundings, under each scanner's noise.
+drawn at 18 HU (10-20 HU below white and grey matter), under each scanner's noise.
 
 Sites differ the way real scanners do: noise, calibration offset, slice thickness, vendor tags,
 and one site sends RLE-compressed images (pydicom 3 encodes RLE Lossless natively). Everything
@@ -31,7 +31,7 @@ from pydicom.uid import (
 ROWS = 64
 PIXEL_MM = 3.5  # 224 mm field of view
 SLAB_MM = 40.0  # the imaged slab through the lesion-bearing hemispheres
-LESION_DELTA_HU = -12.0
+LESION_HU = 18.0  # ~10-20 HU below normal parenchyma (white 28, grey 38)
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,14 @@ def head_phantom_hu(scanner: Scanner, core_ml: float, rng: np.random.Generator) 
     ventricles = (np.abs(x) < 12)[None] & (np.abs(y) < 30)[None] & (np.abs(zz) < 15)
     hu[ventricles & brain] = 6.0
     if core_ml > 0:
-        radius = (3.0 * core_ml * 1000.0 / (4.0 * math.pi * 1.4)) ** (1.0 / 3.0)  # mm
+        # An ellipsoid (1.1 r in-plane, 0.8 r through-plane) of the core's volume, inside one
+        # hemisphere; infarcted tissue takes a density of LESION_HU whatever it was before.
+        radius = (3.0 * core_ml * 1000.0 / (4.0 * math.pi * 0.968)) ** (1.0 / 3.0)  # mm
         side = rng.choice([-1.0, 1.0])
-        cx, cy = side * rng.uniform(25, 45), rng.uniform(-30, 30)
-        cz = rng.uniform(-8, 8)
-        inside = (((x[None] - cx) / (1.2 * radius)) ** 2 + ((y[None] - cy) / (1.2 * radius)) ** 2
-                  + ((zz - cz) / (0.7 * radius)) ** 2) < 1.0
-        hu[inside & brain & ~ventricles] += LESION_DELTA_HU
+        cx, cy, cz = side * rng.uniform(20, 40), rng.uniform(-25, 25), rng.uniform(-5, 5)
+        inside = (((x[None] - cx) / (1.1 * radius)) ** 2 + ((y[None] - cy) / (1.1 * radius)) ** 2
+                  + ((zz - cz) / (0.8 * radius)) ** 2) < 1.0
+        hu[inside & brain & ~ventricles] = LESION_HU
     hu += scanner.offset_hu + rng.normal(0.0, scanner.noise_hu, hu.shape)
     return hu
 

@@ -36,7 +36,7 @@ def imaging_plans(names: list[str], rounds: int, seed: int) -> tuple[Plan, Plan]
     fused = dataclasses.replace(
         tables, federation="stroke-imaging",
         model=ModelSpec(kind="cnn_fused", hidden=(), conv_channels=(4, 8), kernel_size=3),
-        training=TrainingSpec(local_epochs=1, batch_size=32, learning_rate=0.003,
+        training=TrainingSpec(local_epochs=2, batch_size=32, learning_rate=0.01,
                               optimizer="adam", weight_decay=1e-4),
         imaging=DEMO_IMAGING)
     return tables, fused

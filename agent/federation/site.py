@@ -399,8 +399,6 @@ class Site:
                     last_status = time.monotonic()
             return 0
         finally:
-            if self.ingest is not None:
-                self.ingest.stop()
             anon, file_backed = resident_split_mib()
             log.info("stopping; peak RSS %.1f MiB (now %.1f MiB private, %.1f MiB file-backed "
                      "shared code)", peak_rss_mib(), anon, file_backed)
@@ -409,5 +407,7 @@ class Site:
                                     state=State.OFFLINE, round=self.round,
                                     last_error=self.last_error,
                                     extra={"offline_reason": "stopped", **self._status_extra()})
+            if self.ingest is not None:  # after the final status: it reads the ingest counters
+                self.ingest.stop()
             self.transport.close(final=(topics.site_status(self.fed, self.site_id),
                                         encode_status(final)))
