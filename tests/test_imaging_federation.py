@@ -22,6 +22,7 @@ from agent.config import ImagingSpec, ModelSpec, TrainingSpec, plan_to_toml_dict
 from agent.demo import cohort, ct
 from agent.demo.run import demo_plan
 from agent.federation import topics
+from agent.learn.modelfile import load_model
 from tests.fedharness import CoordinatorThread, start_site, stop_all
 from tests.test_lifecycle import read_retained
 
@@ -120,6 +121,11 @@ def test_fused_model_trains_on_ingested_images_and_no_phi_leaves(tmp_path, mosqu
     # Every patient had an image, so every usable row trained (holdout 25%).
     assert rounds[0]["samples"] == 2 * (n - round(n * 0.25))
     assert final["eval"]["n"] == 2 * round(n * 0.25)
+
+    # The saved model carries the federation's per-voxel image standardisation.
+    model = load_model(tmp_path / "coord" / "model")
+    assert model.image_norm is not None and model.image_norm.size == 2 * 4 * 16 * 16
+    assert np.all(model.image_norm[4 * 16 * 16:] > 0)
 
     status = read_retained(mosquitto.port, topics.site_status(FED, "beta"))
     assert status["ingest_stored"] == n * SCANNER.n_slices and status["rows_without_image"] == 0

@@ -156,3 +156,18 @@ def test_local_moments_rejects_non_matrix():
 def test_standardizer_rejects_out_of_range_index():
     with pytest.raises(ValueError):
         standardizer(local_moments(np.ones((3, 2))), (2,))
+
+
+def test_image_standardizer_matches_pooled_voxel_statistics_with_a_floor():
+    from agent.learn.standardize import IMAGE_SCALE_FLOOR, image_standardizer
+
+    rng = np.random.default_rng(11)
+    images = rng.random((30, 2, 4, 4)).astype(np.float32)
+    images[:, 0, 0, 0] = 1.0  # a constant voxel (clipped bone): its scale is the floor
+    flat = images.reshape(30, -1).astype(np.float64)
+    parts = [local_moments(flat[:7]), local_moments(flat[7:19]), local_moments(flat[19:])]
+    mean, scale = image_standardizer(merge_moments(parts))
+    assert mean.dtype == np.float32 and scale.shape == (32,)
+    assert np.allclose(mean, flat.mean(0), rtol=1e-6)
+    assert np.allclose(scale[1:], np.maximum(flat.std(0)[1:], IMAGE_SCALE_FLOOR), rtol=1e-5)
+    assert scale[0] == pytest.approx(IMAGE_SCALE_FLOOR)

@@ -35,7 +35,7 @@ from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
 from agent.learn.layout import Layout, build_layout, init_params
 from agent.learn.modelfile import SavedModel, save_model
-from agent.learn.standardize import Moments, merge_moments, standardizer
+from agent.learn.standardize import Moments, image_standardizer, merge_moments, standardizer
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
 from agent.ops.status import State, encode_status, offline_status, status_document
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
 PARAMS = "global.f32"
+IMAGE_NORM = "image_norm.f32"
 METRICS = "metrics.json"
 MAX_SAMPLES = 10**9
 
@@ -102,6 +103,7 @@ class Coordinator:
         self.params = init_params(self.layout, plan.seed)
         self.mean = np.zeros(len(self.columns))
         self.scale = np.ones(len(self.columns))
+        self.image_norm = np.zeros(0, dtype=np.float32)  # [mean | scale] per voxel, imaging only
         self.phase = "stats"
         self.last_error: str | None = None
         self.transport = Transport(
@@ -110,7 +112,7 @@ class Coordinator:
                       offline_status(role="coordinator", identity=config.coordinator_id,
                                      federation=self.fed, reason="connection_lost")),
             subscriptions=topics.coordinator_subscriptions(self.fed))
-        max_body = max(self.layout.size * 4, len(self.columns) * 3 * 8)
+        max_body = max(self.layout.size * 4, (len(self.columns) + self._image_voxels()) * 3 * 8)
         self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
                          accept=self._accept)
 
@@ -140,8 +142,17 @@ class Coordinator:
         self.mean = np.asarray(doc["mean"])
         self.scale = np.asarray(doc["scale"])
         self.history = doc["history"]
+        raw_norm = (self.state_dir / IMAGE_NORM).read_bytes()
+        if hashlib.sha256(raw_norm).hexdigest() != doc.get("image_norm_sha256"):
+            raise FedsiloError(f"{self.state_dir / IMAGE_NORM}: digest does not match checkpoint")
+        self.image_norm = np.frombuffer(raw_norm, dtype="<f4").astype(np.float32)
         log.info("resuming federation %s from checkpoint: phase %s, round %d", self.fed,
                  self.phase, self.current_round)
+
+    def _save_image_norm(self) -> str:
+        raw = self.image_norm.astype("<f4").tobytes()
+        write_bytes_atomic(self.state_dir / IMAGE_NORM, raw)
+        return hashlib.sha256(raw).hexdigest()
 
     def _save_checkpoint(self) -> None:
         raw = self.params.astype("<f4").tobytes()
@@ -150,7 +161,8 @@ class Coordinator:
             "federation": self.fed, "plan_digest": self.digest, "run": self.run_id,
             "phase": self.phase, "round": self.current_round,
             "params_sha256": hashlib.sha256(raw).hexdigest(),
-            "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history})
+            "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history,
+            "image_norm_sha256": self._save_image_norm()})
         write_json_atomic(self.state_dir / METRICS, {"federation": self.fed, "run": self.run_id,
                                                      "rounds": self.history})
 
@@ -248,14 +260,18 @@ class Coordinator:
     def _stats_phase(self) -> None:
         self.state = State.STATS
         self._publish_status()
-        d = len(self.columns)
+        d, v = len(self.columns), self._image_voxels()
         parts: list[Moments] = []
+        image_parts: list[Moments] = []
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
-            if len(body) != 3 * d * 8:
+            if len(body) != 3 * (d + v) * 8:
                 raise ProtocolError("bad_stats_size", f"{len(body)} bytes")
+            vector = np.frombuffer(body, dtype="<f8")
             try:
-                moments = Moments.from_vector(np.frombuffer(body, dtype="<f8"))
+                moments = Moments.from_vector(vector[:3 * d])
+                if v:
+                    image_parts.append(Moments.from_vector(vector[3 * d:]))
             except ValueError as exc:
                 raise ProtocolError("bad_stats", str(exc)) from None
             parts.append(moments)
@@ -265,6 +281,8 @@ class Coordinator:
         self._collect(0, BodyKind.STATS, take)
         numeric = tuple(i for i, c in enumerate(self.columns) if "=" not in c)
         self.mean, self.scale = standardizer(merge_moments(parts), numeric)
+        if v:
+            self.image_norm = np.concatenate(image_standardizer(merge_moments(image_parts)))
         self.phase = "train"
         self._save_checkpoint()
         log.info("federated statistics from %d sites", len(parts))
@@ -274,8 +292,7 @@ class Coordinator:
         self._publish_status()
         acc = FedAvgAccumulator(self.layout.size, self.kernels)
         t_open = time.monotonic()
-        sent = self._broadcast(rnd, BodyKind.TASK, self.params.astype("<f4").tobytes(),
-                               self._task_meta())
+        sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(), self._task_meta())
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             report = _validated_report(m.meta)
@@ -319,6 +336,15 @@ class Coordinator:
                  record["overhead_s"] * 1000)
         self.on_round(record)
 
+    def _image_voxels(self) -> int:
+        shape = self.layout.image_shape
+        return 0 if shape is None else int(np.prod(shape))
+
+    def _task_body(self) -> bytes:
+        """Global parameters, then (imaging models) the federated per-voxel mean and scale."""
+        return (self.params.astype("<f4").tobytes()
+                + self.image_norm.astype("<f4").tobytes())
+
     def _task_meta(self) -> dict[str, Any]:
         return {"layout": self.layout.to_dict(), "mean": self.mean.tolist(),
                 "scale": self.scale.tolist(), "rounds": self.plan.rounds}
@@ -329,8 +355,7 @@ class Coordinator:
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             return _validated_report(m.meta, train=False)
 
-        self._broadcast(rnd, BodyKind.EVALUATE, self.params.astype("<f4").tobytes(),
-                        self._task_meta())
+        self._broadcast(rnd, BodyKind.EVALUATE, self._task_body(), self._task_meta())
         outcome = self._collect(rnd, BodyKind.EVALUATION, take)
         final = {"round": rnd, "sites": sorted(outcome.reports),
                  "eval": weighted_metrics(outcome.reports),
@@ -344,7 +369,8 @@ class Coordinator:
         self._save_checkpoint()
         save_model(self.state_dir / "model", SavedModel(
             layout=self.layout, params=self.params, columns=self.columns, mean=self.mean,
-            scale=self.scale, plan=self.plan_doc), extra={"run": self.run_id})
+            scale=self.scale, plan=self.plan_doc, image_norm=self.image_norm),
+            extra={"run": self.run_id})
         manifest = make_manifest(federation=self.fed, round=self.plan.rounds + 1,
                                  sender="coordinator", body_kind=BodyKind.FINISHED, body=b"",
                                  created=time.time(), meta={"run": self.run_id})

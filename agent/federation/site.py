@@ -9,6 +9,7 @@ missed are asked for again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import resource
@@ -126,6 +127,8 @@ class Site:
         self.last_error: str | None = None
         self.first_step_after_start_s: float | None = None
         self.ingest: IngestService | None = None
+        self._std_images: np.ndarray | None = None
+        self._image_norm_digest: str | None = None
         self.transport = Transport(
             f"fedsilo-{self.fed}-site-{self.site_id}", config.broker,
             will=Will(topics.site_status(self.fed, self.site_id),
@@ -207,6 +210,7 @@ class Site:
         if train.size == 0:
             raise DataError(f"{self.config.data.table}: no usable rows")
         self.plan = plan
+        self._image_norm_digest = None  # new rows: standardise their images afresh
         self.data = LocalData(table=table, x=x, y=y, images=images, train=train,
                               holdout=holdout, rows_without_image=no_image)
         return self.data
@@ -235,10 +239,28 @@ class Site:
             self.ingest.start()
         return self.ingest
 
-    def _images(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Keyword arguments that hand an imaging model its images (nothing for table models)."""
+    def _standardize_images(self, norm: np.ndarray) -> None:
+        """Images against the federation's per-voxel mean and scale (sent with every task)."""
         assert self.data is not None
-        return {} if self.data.images is None else {"images": self.data.images[idx]}
+        if self.data.images is None:
+            return
+        digest = hashlib.sha256(norm.tobytes()).hexdigest()
+        if self._image_norm_digest == digest:
+            return
+        mean, scale = np.split(norm, 2)
+        shape = self.data.images.shape[1:]
+        if not (np.all(np.isfinite(norm)) and np.all(scale > 0)):
+            raise ProtocolError("bad_image_norm")
+        self._std_images = ((self.data.images - mean.reshape(shape)) / scale.reshape(shape)
+                            ).astype(np.float32)
+        self._image_norm_digest = digest
+
+    def _images(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Keyword arguments that hand an imaging model its (standardised) images."""
+        assert self.data is not None
+        if self.data.images is None:
+            return {}
+        return {"images": self._std_images[idx]}
 
     def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         assert self.data is not None
@@ -281,17 +303,24 @@ class Site:
         data = self._ensure_data(plan)
         if m.body_kind is BodyKind.STATS_TASK:
             self.state = State.STATS
-            moments = local_moments(data.x[data.train])
-            self._reply(m, BodyKind.STATS, moments.to_vector().astype("<f8").tobytes(),
+            vector = local_moments(data.x[data.train]).to_vector()
+            if data.images is not None:  # per-voxel moments for the federation's average head
+                pixels = data.images[data.train].reshape(data.train.size, -1)
+                vector = np.concatenate([vector, local_moments(pixels).to_vector()])
+            self._reply(m, BodyKind.STATS, vector.astype("<f8").tobytes(),
                         {"n_rows": int(data.train.size)})
             return
         layout = Layout.from_dict(meta.get("layout"))
         mean = np.asarray(meta.get("mean"), dtype=np.float64)
         scale = np.asarray(meta.get("scale"), dtype=np.float64)
         width = data.x.shape[1]
-        if mean.shape != (width,) or scale.shape != (width,) or len(body) != layout.size * 4:
+        voxels = 0 if data.images is None else int(np.prod(data.images.shape[1:]))
+        if (mean.shape != (width,) or scale.shape != (width,)
+                or len(body) != (layout.size + 2 * voxels) * 4):
             raise ProtocolError("task_shape_mismatch")
-        params = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        values = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        params = values[:layout.size]
+        self._standardize_images(values[layout.size:])
         x = apply_standardization(data.x, mean, scale)
         evaluation = self._evaluate(layout, params, x)
         if m.body_kind is BodyKind.EVALUATE:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import DataError
+from agent.errors import DataError, ProtocolError
 from agent.learn.layout import Layout
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
 
@@ -31,12 +31,19 @@ class SavedModel:
     mean: np.ndarray
     scale: np.ndarray
     plan: dict[str, Any]
+    image_norm: np.ndarray | None = None  # imaging models: per-voxel mean then scale, float32
 
 
 def save_model(directory: Path, model: SavedModel, extra: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
     raw = model.params.astype("<f4").tobytes()
     write_bytes_atomic(directory / "model.f32", raw)
+    norm: dict[str, Any] = {}
+    if model.image_norm is not None and model.image_norm.size:
+        raw_norm = model.image_norm.astype("<f4").tobytes()
+        write_bytes_atomic(directory / "image_norm.f32", raw_norm)
+        norm = {"image_norm_file": "image_norm.f32",
+                "image_norm_sha256": hashlib.sha256(raw_norm).hexdigest()}
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,6 +53,7 @@ def save_model(directory: Path, model: SavedModel, extra: dict[str, Any] | None 
         "columns": list(model.columns),
         "standardization": {"mean": model.mean.tolist(), "scale": model.scale.tolist()},
         "plan": model.plan,
+        **norm,
         **(extra or {}),
     }
     write_json_atomic(directory / "model.json", doc)
@@ -66,9 +74,15 @@ def load_model(directory: Path) -> SavedModel:
         if params.size != layout.size:
             raise DataError(f"{directory}/model.f32: {params.size} values, layout needs "
                             f"{layout.size}")
+        image_norm = None
+        if "image_norm_file" in doc:
+            raw_norm = (directory / doc["image_norm_file"]).read_bytes()
+            if hashlib.sha256(raw_norm).hexdigest() != doc["image_norm_sha256"]:
+                raise DataError(f"{directory}/image_norm.f32: digest does not match model.json")
+            image_norm = np.frombuffer(raw_norm, dtype="<f4").astype(np.float32)
         return SavedModel(layout=layout, params=params, columns=tuple(doc["columns"]),
                           mean=np.asarray(doc["standardization"]["mean"], dtype=np.float64),
                           scale=np.asarray(doc["standardization"]["scale"], dtype=np.float64),
-                          plan=doc["plan"])
-    except (OSError, KeyError, TypeError, ValueError) as exc:
+                          plan=doc["plan"], image_norm=image_norm)
+    except (OSError, KeyError, TypeError, ValueError, ProtocolError) as exc:
         raise DataError(f"{directory}: cannot read model ({exc})") from None
