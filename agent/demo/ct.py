@@ -139,6 +139,7 @@ def write_series(directory: Path, patient_id: str, hu: np.ndarray, scanner: Scan
     stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
     template = _template(scanner, patient_id, generate_uid(), generate_uid(),
                          (study_date or dt.date(2026, 1, 15)).strftime("%Y%m%d"))
+    template.Rows, template.Columns = stored.shape[1], stored.shape[2]
     paths = []
     for k in range(stored.shape[0]):
         ds = template.copy()
