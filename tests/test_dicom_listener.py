@@ -367,3 +367,37 @@ def test_stop_closes_the_port(tmp_path):
     r = _dcmtk(["echoscu", "-to", "5", "-aet", CALLER, "-aec", AET, "127.0.0.1", port],
                check=False)
     assert r.returncode != 0
+
+
+def test_storescu_series_is_assembled_and_stored_by_the_site_ingest(series, tmp_path):
+    """The whole way in: storescu -> listener -> ingest queue -> pipeline -> stored series."""
+    from agent.config import ImagingSpec
+    from agent.ingest.service import IngestService
+
+    imaging = ImagingSpec(depth=4, size=32)
+    cfg = DicomSources(listen=True, ae_title=AET, port=0, bind="127.0.0.1",
+                       allowed_callers=(CALLER,), series_quiet_s=0.5)
+    service = IngestService(tmp_path / "state", cfg)
+    service.set_imaging(imaging)
+    service.start()
+    try:
+        storescu_cfg = tmp_path / "storescu.cfg"
+        storescu_cfg.write_text(STORESCU_CFG)
+        r = _dcmtk(["storescu", "-xf", storescu_cfg, "FedsiloCT", "-aet", CALLER, "-aec", AET,
+                    "127.0.0.1", service.listener_port, *series], check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and service.status_extra()["series_complete"] < 1:
+            time.sleep(0.2)
+        status = service.status_extra()
+        assert status["series_complete"] == 1, status
+        assert status["ingest_stored"] == len(series) and status["ingest_quarantined"] == 0
+        stored = service.pipeline.store.series_for_patients(imaging)
+        assert len(stored) == 1
+        image = np.load(next(iter(stored.values())), allow_pickle=False)
+        assert image.shape == (4, 32, 32) and image.dtype == np.float32
+        assert np.all(np.isfinite(image)) and 0.0 <= image.min() <= image.max() <= 1.0
+        assert not [p for p in (tmp_path / "state" / "incoming").iterdir()
+                    if not p.name.startswith(".")]  # every received file was consumed
+    finally:
+        service.stop()
