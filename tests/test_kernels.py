@@ -21,19 +21,6 @@ RTOL = 1e-5
 F32 = np.float32
 
 
-@pytest.fixture(params=["cpu", "cpu-parallel", "gpu"])
-def backend(request, monkeypatch):
-    """(name, namespace) of a fast backend; numpy arrays in, numpy arrays out."""
-    name = request.param.split("-")[0]
-    reason = kernels.available_backends()[name]
-    if reason is not None:
-        pytest.skip(reason)
-    module = kernels.get_backend(name)
-    if request.param == "cpu-parallel":
-        monkeypatch.setattr(module, "PARALLEL_MIN_WORK", 0)
-    return request.param, module
-
-
 def rand(rng, *shape, scale=1.0):
     """Seeded normal float32 values with no exact zeros (a zero hides a missing term)."""
     a = rng.standard_normal(shape) * scale

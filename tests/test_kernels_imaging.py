@@ -9,24 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels
 from kernels import reference as ref
 
 F32 = np.float32
 DTYPES = [np.int16, np.uint16, np.int32, np.float32]
-
-
-@pytest.fixture(params=["cpu", "cpu-parallel", "gpu"])
-def backend(request, monkeypatch):
-    """(name, namespace) of a fast backend; cpu-parallel forces the prange loops on."""
-    name = request.param.split("-")[0]
-    reason = kernels.available_backends()[name]
-    if reason is not None:
-        pytest.skip(reason)
-    module = kernels.get_backend(name)
-    if request.param == "cpu-parallel":
-        monkeypatch.setattr(module, "PARALLEL_MIN_WORK", 0)
-    return request.param, module
 
 
 def stored(rng, dtype, rows, cols):
