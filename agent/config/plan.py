@@ -1,0 +1,291 @@
+"""The federation plan: what a consortium trains, shared by the coordinator and (inside every
+task) each site, validated on load into immutable objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config.checks import (
+    COLUMN_PATTERN,
+    FEDERATION_ID_PATTERN,
+    SITE_ID_PATTERN,
+    _read_toml,
+    _Reader,
+)
+from agent.errors import ConfigError
+
+MODEL_KINDS = ("logistic", "mlp", "cnn_fused")
+OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("fedavg",)
+MISSING_POLICIES = ("mean", "drop")
+FEATURE_TYPES = ("numeric", "categorical")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One input column. Categorical levels are declared so every site one-hot encodes alike."""
+
+    name: str
+    type: str  # "numeric" | "categorical"
+    levels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """`cnn_fused`: conv layers (`conv_channels`, `kernel_size`, ReLU, 2x2 max-pool) on the image,
+    global average pooling, concatenated with the clinical features, then `hidden` dense layers
+    and one logit."""
+
+    kind: str = "logistic"
+    hidden: tuple[int, ...] = ()
+    conv_channels: tuple[int, ...] = ()
+    kernel_size: int = 3
+
+
+@dataclass(frozen=True)
+class ImagingSpec:
+    """How every site turns a series into the model's image: HU, window, resample to the grid.
+
+    The grid is `depth` slices x `size` x `size` pixels spanning the series (slices become the
+    image channels of the CNN)."""
+
+    modality: str = "CT"
+    depth: int = 8
+    size: int = 32
+    window_center: float = 40.0
+    window_width: float = 80.0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a federation trains: shared by the coordinator and (through the task) every site."""
+
+    federation: str
+    sites: tuple[str, ...]
+    rounds: int
+    min_sites: int
+    round_deadline_s: float
+    target: str
+    features: tuple[FeatureSpec, ...]
+    missing: str = "mean"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    strategy: str = "fedavg"
+    seed: int = 0
+    imaging: ImagingSpec | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the wire (JSON) and for metrics files."""
+        return {
+            "federation": self.federation,
+            "sites": list(self.sites),
+            "rounds": self.rounds,
+            "min_sites": self.min_sites,
+            "round_deadline_s": self.round_deadline_s,
+            "target": self.target,
+            "features": [
+                {"name": f.name, "type": f.type, "levels": list(f.levels)} for f in self.features
+            ],
+            "missing": self.missing,
+            "model": {"kind": self.model.kind, "hidden": list(self.model.hidden),
+                      "conv_channels": list(self.model.conv_channels),
+                      "kernel_size": self.model.kernel_size},
+            "imaging": None if self.imaging is None else {
+                "modality": self.imaging.modality, "depth": self.imaging.depth,
+                "size": self.imaging.size, "window_center": self.imaging.window_center,
+                "window_width": self.imaging.window_width},
+            "training": {
+                "local_epochs": self.training.local_epochs,
+                "batch_size": self.training.batch_size,
+                "learning_rate": self.training.learning_rate,
+                "optimizer": self.training.optimizer,
+                "momentum": self.training.momentum,
+                "weight_decay": self.training.weight_decay,
+            },
+            "strategy": self.strategy,
+            "seed": self.seed,
+        }
+
+
+
+def _features(file: str, raw: Any) -> tuple[FeatureSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(file, "features", "must be a non-empty array of tables ([[features]])")
+    out: list[FeatureSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        r = _Reader(file, item, f"features[{i}]")
+        r.reject_unknown({"name", "type", "levels"})
+        name = r.pattern("name", COLUMN_PATTERN, "column name", ...)
+        if name in seen:
+            raise r.fail("name", f"duplicate feature {name!r}")
+        seen.add(name)
+        ftype = r.choice("type", FEATURE_TYPES, ...)
+        levels: tuple[str, ...] = ()
+        if ftype == "categorical":
+            raw_levels = r.get("levels", list, required=True)
+            if len(raw_levels) < 2 or not all(isinstance(v, str) and v for v in raw_levels):
+                raise r.fail("levels", "must list at least two non-empty strings")
+            if len(set(raw_levels)) != len(raw_levels):
+                raise r.fail("levels", "levels must be distinct")
+            levels = tuple(raw_levels)
+        elif "levels" in item:
+            raise r.fail("levels", "only categorical features have levels")
+        out.append(FeatureSpec(name=name, type=ftype, levels=levels))
+    return tuple(out)
+
+
+def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
+    """Validate a plan given as data (from TOML on the coordinator, from JSON on a site)."""
+    top = _Reader(file, doc, "")
+    top.reject_unknown({"federation", "target", "features", "data", "model", "training",
+                        "strategy", "imaging"})
+    f = top.sub("federation", required=True)
+    f.reject_unknown({"id", "sites", "rounds", "min_sites", "round_deadline_s", "seed"})
+    sites_raw = f.get("sites", list, required=True)
+    if not sites_raw:
+        raise f.fail("sites", "must list at least one site id")
+    for s in sites_raw:
+        if not isinstance(s, str) or not SITE_ID_PATTERN.fullmatch(s):
+            raise f.fail("sites", f"{s!r} is not a valid site id (pattern "
+                                  f"{SITE_ID_PATTERN.pattern})")
+    if len(set(sites_raw)) != len(sites_raw):
+        raise f.fail("sites", "site ids must be distinct")
+    min_sites = f.number("min_sites", len(sites_raw), lo=1, integer=True)
+    if min_sites > len(sites_raw):
+        raise f.fail("min_sites", f"is {min_sites} but only {len(sites_raw)} sites are listed")
+
+    t = top.sub("target", required=True)
+    t.reject_unknown({"column"})
+    target = t.pattern("column", COLUMN_PATTERN, "column name", ...)
+    features = _features(file, top.table.get("features"))
+    if target in {ft.name for ft in features}:
+        raise ConfigError(file, "target.column", f"{target!r} is also listed as a feature")
+
+    missing = "mean"
+    d = top.sub("data")
+    if d is not None:
+        d.reject_unknown({"missing"})
+        missing = d.choice("missing", MISSING_POLICIES, "mean")
+
+    model = ModelSpec()
+    m = top.sub("model")
+    if m is not None:
+        m.reject_unknown({"kind", "hidden", "conv_channels", "kernel_size"})
+        kind = m.choice("kind", MODEL_KINDS, "logistic")
+        hidden_raw = m.get("hidden", list, [])
+        if not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 4096
+                   for h in hidden_raw):
+            raise m.fail("hidden", "must be a list of layer widths between 1 and 4096")
+        if kind == "mlp" and not hidden_raw:
+            raise m.fail("hidden", "an mlp needs at least one hidden layer width")
+        if kind == "logistic" and hidden_raw:
+            raise m.fail("hidden", "a logistic model has no hidden layers")
+        channels = m.get("conv_channels", list, [])
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 256
+                   for c in channels):
+            raise m.fail("conv_channels", "must be a list of channel counts between 1 and 256")
+        if (kind == "cnn_fused") != bool(channels):
+            raise m.fail("conv_channels", "a cnn_fused model needs conv_channels; other kinds "
+                                          "have none")
+        kernel_size = m.number("kernel_size", 3, lo=1, hi=7, integer=True)
+        if kernel_size % 2 == 0:
+            raise m.fail("kernel_size", "must be odd (same padding)")
+        model = ModelSpec(kind=kind, hidden=tuple(hidden_raw), conv_channels=tuple(channels),
+                          kernel_size=kernel_size)
+
+    imaging = None
+    im = top.sub("imaging")
+    if im is not None:
+        im.reject_unknown({"modality", "depth", "size", "window_center", "window_width"})
+        imaging = ImagingSpec(
+            modality=im.choice("modality", ("CT", "MR"), "CT"),
+            depth=im.number("depth", 8, lo=1, hi=256, integer=True),
+            size=im.number("size", 32, lo=4, hi=1024, integer=True),
+            window_center=im.number("window_center", 40.0, lo=-4096.0, hi=4096.0),
+            window_width=im.number("window_width", 80.0, lo=1.0, hi=8192.0),
+        )
+    if model.kind == "cnn_fused" and imaging is None:
+        raise ConfigError(file, "imaging", "a cnn_fused model needs an [imaging] table")
+    if model.kind == "cnn_fused" and imaging.size % (2 ** len(model.conv_channels)) != 0:
+        raise ConfigError(file, "imaging.size", f"must be divisible by "
+                          f"{2 ** len(model.conv_channels)} (one 2x2 pooling per conv layer)")
+
+    training = TrainingSpec()
+    tr = top.sub("training")
+    if tr is not None:
+        tr.reject_unknown({"local_epochs", "batch_size", "learning_rate", "optimizer",
+                           "momentum", "weight_decay"})
+        training = TrainingSpec(
+            local_epochs=tr.number("local_epochs", 1, lo=1, hi=1000, integer=True),
+            batch_size=tr.number("batch_size", 32, lo=1, hi=1 << 20, integer=True),
+            learning_rate=tr.number("learning_rate", 0.05, lo=1e-9, hi=100.0),
+            optimizer=tr.choice("optimizer", OPTIMIZERS, "sgd"),
+            momentum=tr.number("momentum", 0.9, lo=0.0, hi=0.999),
+            weight_decay=tr.number("weight_decay", 0.0, lo=0.0, hi=1.0),
+        )
+
+    strategy = "fedavg"
+    st = top.sub("strategy")
+    if st is not None:
+        st.reject_unknown({"name"})
+        strategy = st.choice("name", STRATEGIES, "fedavg")
+
+    return Plan(
+        federation=f.pattern("id", FEDERATION_ID_PATTERN, "federation id", ...),
+        sites=tuple(sites_raw),
+        rounds=f.number("rounds", ..., lo=1, hi=100_000, integer=True),
+        min_sites=min_sites,
+        round_deadline_s=f.number("round_deadline_s", 60.0, lo=0.1, hi=7 * 86400),
+        target=target,
+        features=features,
+        missing=missing,
+        model=model,
+        training=training,
+        strategy=strategy,
+        seed=f.number("seed", 0, lo=0, integer=True),
+        imaging=imaging,
+        source=file,
+    )
+
+
+def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
+    """The TOML-shaped document of a plan (inverse of `plan_from_dict`)."""
+    d = plan.to_dict()
+    model = {"kind": d["model"]["kind"], "hidden": d["model"]["hidden"]}
+    if plan.model.conv_channels:
+        model |= {"conv_channels": d["model"]["conv_channels"],
+                  "kernel_size": d["model"]["kernel_size"]}
+    doc = {
+        "federation": {"id": d["federation"], "sites": d["sites"], "rounds": d["rounds"],
+                       "min_sites": d["min_sites"], "round_deadline_s": d["round_deadline_s"],
+                       "seed": d["seed"]},
+        "target": {"column": d["target"]},
+        "features": [{k: v for k, v in f.items() if k != "levels" or v} for f in d["features"]],
+        "data": {"missing": d["missing"]},
+        "model": model,
+        "training": d["training"],
+        "strategy": {"name": d["strategy"]},
+    }
+    if d["imaging"] is not None:
+        doc["imaging"] = d["imaging"]
+    return doc
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    return plan_from_dict(_read_toml(path), str(path))
+

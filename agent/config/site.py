@@ -1,0 +1,197 @@
+"""Site and coordinator configs: identity, broker, state directory, data and DICOM sources."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config.checks import (
+    COLUMN_PATTERN,
+    FEDERATION_ID_PATTERN,
+    PROFILE_NAME_PATTERN,
+    SITE_ID_PATTERN,
+    _path,
+    _read_toml,
+    _Reader,
+)
+
+MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive_s: int = 30
+    protocol: str = "auto"
+    tls: TLSFiles | None = None
+
+
+@dataclass(frozen=True)
+class DataSources:
+    table: Path | None = None
+    id_column: str | None = None
+    holdout_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class DicomSources:
+    """Where images come from: a C-STORE listener and/or a watch folder (both optional)."""
+
+    listen: bool = False
+    ae_title: str = "FEDSILO"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    allowed_callers: tuple[str, ...] = ()
+    watch_dir: Path | None = None
+    series_quiet_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    federation: str
+    state_dir: Path
+    broker: BrokerConfig
+    data: DataSources
+    hardware_profile: str = "auto"
+    dicom: DicomSources = field(default_factory=DicomSources)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    broker: BrokerConfig
+    coordinator_id: str = "coordinator"
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------- checked reads
+
+
+
+def _broker(file: str, r: _Reader | None, base: Path) -> BrokerConfig:
+    if r is None:
+        return BrokerConfig()
+    r.reject_unknown({"host", "port", "keepalive_s", "protocol", "tls"})
+    tls = None
+    t = r.sub("tls")
+    if t is not None:
+        t.reject_unknown({"ca", "cert", "key"})
+        files = {}
+        for name in ("ca", "cert", "key"):
+            p = _path(base, t.get(name, str, required=True))
+            if not p.is_file():
+                raise t.fail(name, f"file {p} does not exist")
+            files[name] = p
+        tls = TLSFiles(**files)
+    return BrokerConfig(
+        host=r.get("host", str, "127.0.0.1"),
+        port=r.number("port", 1883, lo=1, hi=65535, integer=True),
+        keepalive_s=r.number("keepalive_s", 30, lo=5, hi=60, integer=True),
+        protocol=r.choice("protocol", MQTT_PROTOCOLS, "auto"),
+        tls=tls,
+    )
+
+
+def _hardware_profile_name(s: _Reader) -> str:
+    """"auto" or a profile name; whether that profile exists is checked by `check_file` and at
+    site start, against the profile directory in use."""
+    value = s.get("hardware_profile", str, "auto")
+    if value != "auto" and not PROFILE_NAME_PATTERN.fullmatch(value):
+        raise s.fail("hardware_profile", f'{value!r} is neither "auto" nor a valid profile name '
+                                         f"(pattern {PROFILE_NAME_PATTERN.pattern})")
+    return value
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    file = str(path)
+    doc = _read_toml(path)
+    top = _Reader(file, doc, "")
+    top.reject_unknown({"site", "broker", "data", "dicom"})
+    s = top.sub("site", required=True)
+    s.reject_unknown({"id", "federation", "state_dir", "hardware_profile"})
+    base = path.parent
+    d = top.sub("data")
+    data = DataSources()
+    if d is not None:
+        d.reject_unknown({"table", "id_column", "holdout_fraction", "split_seed"})
+        table = d.get("table", str, None)
+        table_path = _path(base, table) if table else None
+        if table_path is not None and table_path.suffix.lower() not in (".csv", ".parquet"):
+            raise d.fail("table", f"{table_path.name}: expected a .csv or .parquet file")
+        id_column = d.get("id_column", str, None)
+        if id_column is not None and not COLUMN_PATTERN.fullmatch(id_column):
+            raise d.fail("id_column", f"{id_column!r} is not a valid column name")
+        data = DataSources(
+            table=table_path,
+            id_column=id_column,
+            holdout_fraction=d.number("holdout_fraction", 0.2, lo=0.05, hi=0.5),
+            split_seed=d.number("split_seed", 0, lo=0, integer=True),
+        )
+    return SiteConfig(
+        site_id=s.pattern("id", SITE_ID_PATTERN, "site id", ...),
+        federation=s.pattern("federation", FEDERATION_ID_PATTERN, "federation id", ...),
+        state_dir=_path(base, s.get("state_dir", str, required=True)),
+        broker=_broker(file, top.sub("broker"), base),
+        data=data,
+        hardware_profile=_hardware_profile_name(s),
+        dicom=_dicom(top.sub("dicom"), base),
+        source=file,
+    )
+
+
+AE_TITLE_PATTERN = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: 16 printable ASCII, no backslash
+
+
+def _ae_title(r: _Reader, value: Any, key: str) -> str:
+    if not isinstance(value, str) or not AE_TITLE_PATTERN.fullmatch(value) or "\\" in value \
+            or not value.strip():
+        raise r.fail(key, f"{value!r} is not a valid AE title (1-16 printable ASCII characters)")
+    return value.strip()
+
+
+def _dicom(r: _Reader | None, base: Path) -> DicomSources:
+    if r is None:
+        return DicomSources()
+    r.reject_unknown({"listen", "ae_title", "port", "bind", "allowed_callers", "watch_dir",
+                      "series_quiet_s"})
+    callers = r.get("allowed_callers", list, [])
+    watch = r.get("watch_dir", str, None)
+    return DicomSources(
+        listen=r.get("listen", bool, False),
+        ae_title=_ae_title(r, r.get("ae_title", str, "FEDSILO"), "ae_title"),
+        port=r.number("port", 11112, lo=1, hi=65535, integer=True),
+        bind=r.get("bind", str, "0.0.0.0"),
+        allowed_callers=tuple(_ae_title(r, c, "allowed_callers") for c in callers),
+        watch_dir=_path(base, watch) if watch else None,
+        series_quiet_s=r.number("series_quiet_s", 30.0, lo=0.0, hi=86400.0),
+    )
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    path = Path(path)
+    file = str(path)
+    top = _Reader(file, _read_toml(path), "")
+    top.reject_unknown({"coordinator", "broker"})
+    c = top.sub("coordinator", required=True)
+    c.reject_unknown({"state_dir", "id"})
+    return CoordinatorConfig(
+        state_dir=_path(path.parent, c.get("state_dir", str, required=True)),
+        broker=_broker(file, top.sub("broker"), path.parent),
+        coordinator_id=c.pattern("id", SITE_ID_PATTERN, "coordinator id", "coordinator"),
+        source=file,
+    )
+
