@@ -24,7 +24,8 @@ warm: $(VENV)/.stamp-run
 	$(VENV)/bin/fedsilo warm-cache
 
 demo: $(VENV)/.stamp-run system-deps warm
-	$(VENV)/bin/fedsilo demo
+	$(VENV)/bin/fedsilo demo --out demo-out
+	$(VENV)/bin/fedsilo demo --imaging --out demo-out/imaging
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
