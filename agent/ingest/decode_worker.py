@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from agent.ingest.deid import quiet_pydicom
+from agent.ingest.deid import kept, quiet_pydicom
 from agent.ingest.dicom_read import (
     ImageHeader,
     check_pixel_format,
@@ -48,14 +48,48 @@ ALLOWED_DTYPES = frozenset({"|u1", "|i1", "<u2", "<i2", ">u2", ">i2", "<u4", "<i
 DEFAULT_TIMEOUT_S = 60.0
 
 
-def decode_native(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored values of native (uncompressed) pixel data; the header was checked first."""
+_LITTLE_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.840.10008.1.2.1.99"})
+
+
+def decode_native(ds: pydicom.Dataset, header: ImageHeader | None = None) -> np.ndarray:
+    """Stored values of native (uncompressed) pixel data; the header was checked first.
+
+    Little-endian data is viewed straight from the PixelData bytes (pydicom's pixel_array
+    costs about as much as parsing the file); the result equals pixel_array: same dtype, and
+    the bits above BitsStored masked or sign-extended the same way. Anything else goes
+    through pixel_array."""
+    if header is not None and header.transfer_syntax in _LITTLE_NATIVE:
+        fast = _view_native(ds, header)
+        if fast is not None:
+            return fast
     try:
         return ds.pixel_array
     except MemoryError:
         raise Rejected(TOO_LARGE) from None
     except Exception:  # noqa: BLE001 - any pydicom/numpy failure on this file
         raise Rejected(DECODE_FAILED) from None
+
+
+def _view_native(ds: pydicom.Dataset, header: ImageHeader) -> np.ndarray | None:
+    data = kept(ds, "PixelData")
+    bits = header.bits_allocated
+    try:
+        signed = int(kept(ds, "PixelRepresentation") or 0) == 1
+        stored = int(kept(ds, "BitsStored") or bits)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(data, bytes) or bits not in (8, 16, 32):
+        return None
+    count = header.frames * header.rows * header.columns
+    if len(data) < count * bits // 8:
+        return None
+    arr = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{bits // 8}", count=count)
+    if stored < bits:  # as pydicom's correct_unused_bits
+        arr = arr.copy()
+        np.left_shift(arr, bits - stored, out=arr)
+        np.right_shift(arr, bits - stored, out=arr)
+    return arr
 
 
 def as_frames(pixels: np.ndarray, header: ImageHeader) -> np.ndarray:

@@ -157,8 +157,29 @@ def _plausible_raw_dataset(head: bytes) -> bool:
     return little in (0x0002, 0x0008) or big == 0x0008
 
 
+_DEFLATED = str(dicom_uid.DeflatedExplicitVRLittleEndian).encode()
+
+
+def _surely_not_deflated(fh: Any) -> bool:
+    """True when the file meta group, read as raw bytes, cannot name the Deflated syntax:
+    it starts with a well-formed (0002,0000) group length and that many bytes do not hold
+    the UID. Anything unusual returns False, and pydicom reads the meta properly."""
+    fh.seek(132)
+    head = fh.read(12)
+    if len(head) != 12 or head[:8] != b"\x02\x00\x00\x00UL\x04\x00":
+        return False
+    length = struct.unpack("<I", head[8:])[0]
+    if length > (1 << 20):
+        return False
+    meta = fh.read(length)
+    return len(meta) == length and _DEFLATED not in meta
+
+
 def _check_inflated_size(fh: Any) -> None:
     """For Deflated Explicit VR files, count the inflated bytes (without keeping them)."""
+    if _surely_not_deflated(fh):
+        return
+    fh.seek(0)
     try:
         read_preamble(fh, False)
         meta = _read_file_meta_info(fh)

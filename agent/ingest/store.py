@@ -1,7 +1,9 @@
 """The site's local image store: a SQLite index plus .npy arrays under `state_dir/images/`.
 
     images/index.sqlite        instances (one row per slice) and series (status, reason, array)
-    images/pending/<sop>.npy   de-identified stored pixel values of one instance [frames, r, c]
+    images/pending/<sop>.npy   one instance [frames, ...]: stored pixel values [r, c], or, when
+                               the plan's grid was known on arrival, the in-plane preprocessed
+                               slices [size, size] float32 (`pending_grid` names the grid)
     images/series/<series>.npy the preprocessed series, float32 [depth, size, size]
 
 Everything here is already de-identified: keys are pseudonyms, geometry is numbers, pixels are
@@ -13,8 +15,10 @@ the ingest thread adds instances while the training side asks for finished serie
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,7 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
     px REAL NOT NULL, py REAL NOT NULL, pz REAL NOT NULL,
     orientation TEXT NOT NULL, spacing_r REAL NOT NULL, spacing_c REAL NOT NULL,
     slope REAL NOT NULL, intercept REAL NOT NULL,
-    received REAL NOT NULL, source TEXT NOT NULL, pending_file TEXT,
+    received REAL NOT NULL, source TEXT NOT NULL, pending_file TEXT, pending_grid TEXT,
     PRIMARY KEY (sop, frame));
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series);
 CREATE TABLE IF NOT EXISTS series (
@@ -53,6 +57,12 @@ CREATE TABLE IF NOT EXISTS series (
     first_received REAL NOT NULL, last_received REAL NOT NULL, completed REAL);
 CREATE INDEX IF NOT EXISTS series_status ON series(status);
 """
+
+
+_INSERT_INSTANCE = "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_UPSERT_SERIES = ("INSERT INTO series (series, study, patient, modality, status, first_received, "
+                  "last_received) VALUES (?,?,?,?,?,?,?) ON CONFLICT(series) DO UPDATE SET "
+                  "last_received = max(last_received, excluded.last_received)")
 
 
 def grid_label(imaging: ImagingSpec) -> str:
@@ -68,21 +78,62 @@ class PendingSlice:
     intercept: float
     file: str  # name under pending/
     frame: int
+    grid: str | None = None  # grid label when the file holds in-plane preprocessed slices
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save (no pickle) to a private temp file, fsync, rename."""
+def save_npy_atomic(path: Path, array: np.ndarray, *, fsync: bool = True) -> None:
+    """np.save (no pickle) to a private temp file, fsync (unless the caller syncs a whole
+    batch later), rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sync_files(directory: Path, names: list[str]) -> None:
+    """Make `names` (and their renames) in `directory` durable: one syncfs(2) of the file
+    system where Linux has it, else one fsync per file, then the directory."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                if libc.syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+    for name in names:
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Group:
+    """Instances written but not yet committed (see `ImageStore.group`)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.files: list[str] = []
+        self.sops: set[str] = set()
+        self.rows: list[tuple[Any, ...]] = []
+        self.series: list[tuple[Any, ...]] = []
 
 
 class ImageStore:
@@ -99,6 +150,10 @@ class ImageStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
+        if "pending_grid" not in columns:  # an index made before in-plane pending slices
+            self._db.execute("ALTER TABLE instances ADD COLUMN pending_grid TEXT")
+        self._group: _Group | None = None
         self._remove_orphans()
 
     @contextmanager
@@ -132,12 +187,52 @@ class ImageStore:
     # ------------------------------------------------------------------ instances
 
     def has_instance(self, sop: str) -> bool:
-        return bool(self._query("SELECT 1 FROM instances WHERE sop = ? LIMIT 1", (sop,)))
+        with self._lock:
+            if self._group is not None and sop in self._group.sops:
+                return True
+            return bool(self._query("SELECT 1 FROM instances WHERE sop = ? LIMIT 1", (sop,)))
+
+    @contextmanager
+    def group(self, size: int = 256) -> Iterator[None]:
+        """Commit instances added inside in batches of `size`: durable when the batch (or the
+        block) ends, not one by one. For callers that keep their input (a tree walk): a crash
+        loses at most the uncommitted batch, whose arrays become orphans."""
+        with self._lock:
+            if self._group is not None:
+                raise RuntimeError("store group already open")
+            self._group = _Group(max(1, size))
+        try:
+            yield
+        finally:
+            with self._lock:
+                try:
+                    self._flush()
+                finally:
+                    self._group = None
+
+    def _flush(self) -> None:
+        group = self._group
+        if group is None or not group.rows:
+            return
+        files, rows, series = group.files, group.rows, group.series
+        group.files, group.rows, group.series, group.sops = [], [], [], set()
+        try:
+            sync_files(self.pending_dir, files)
+            with self._tx() as db:
+                # OR IGNORE: another process stored one of these instances meanwhile (same
+                # SOP pseudonym, so the same pending file name and content).
+                db.executemany(_INSERT_INSTANCE.replace("INSERT", "INSERT OR IGNORE", 1), rows)
+                db.executemany(_UPSERT_SERIES, series)
+        except BaseException:
+            for name in files:
+                (self.pending_dir / name).unlink(missing_ok=True)
+            raise
 
     def add_instance(self, ids: Pseudonyms, header: ImageHeader, pixels: np.ndarray, *,
-                     received: float, source: str) -> str:
+                     received: float, source: str, grid: str | None = None) -> str:
         """ADDED, DUPLICATE (this SOP pseudonym is known) or SERIES_CLOSED (its series was
-        already completed). `pixels` is [frames, rows, columns]."""
+        already completed). `pixels` is [frames, rows, columns] stored values, or [frames,
+        size, size] in-plane preprocessed for the grid labelled `grid`."""
         with self._lock:
             if self.has_instance(ids.sop):
                 return DUPLICATE
@@ -145,23 +240,27 @@ class ImageStore:
             if status and status[0][0] != PENDING:
                 return SERIES_CLOSED
             name = f"{ids.sop}.npy"
-            save_npy_atomic(self.pending_dir / name, pixels)
+            group = self._group
+            save_npy_atomic(self.pending_dir / name, pixels, fsync=group is None)
             rows = [(ids.sop, f, ids.series, ids.study, ids.patient, header.modality,
                      header.rows, header.columns, *g.position,
                      ",".join(repr(v) for v in g.orientation), *g.pixel_spacing, g.slope,
-                     g.intercept, received, source, name)
+                     g.intercept, received, source, name, grid)
                     for f, g in enumerate(header.geometry)]
+            series = (ids.series, ids.study, ids.patient, header.modality, PENDING, received,
+                      received)
+            if group is not None:
+                group.files.append(name)
+                group.sops.add(ids.sop)
+                group.rows += rows
+                group.series.append(series)
+                if len(group.files) >= group.size:
+                    self._flush()
+                return ADDED
             try:
                 with self._tx() as db:
-                    db.executemany("INSERT INTO instances VALUES "
-                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                    db.execute(
-                        "INSERT INTO series (series, study, patient, modality, status, "
-                        "first_received, last_received) VALUES (?,?,?,?,?,?,?) "
-                        "ON CONFLICT(series) DO UPDATE SET "
-                        "last_received = max(last_received, excluded.last_received)",
-                        (ids.series, ids.study, ids.patient, header.modality, PENDING,
-                         received, received))
+                    db.executemany(_INSERT_INSTANCE, rows)
+                    db.execute(_UPSERT_SERIES, series)
             except sqlite3.IntegrityError:
                 return DUPLICATE  # another process stored the same instance a moment ago
             except BaseException:
@@ -185,20 +284,23 @@ class ImageStore:
         out = []
         for r in self._query(
                 "SELECT sop, frame, patient, modality, rows, columns, px, py, pz, orientation, "
-                "spacing_r, spacing_c, slope, intercept, pending_file FROM instances "
+                "spacing_r, spacing_c, slope, intercept, pending_file, pending_grid "
+                "FROM instances "
                 "WHERE series = ? AND pending_file IS NOT NULL ORDER BY received, sop, frame",
                 (series,)):
-            sop, frame, patient, modality, rows, cols, px, py, pz, orient, sr, sc, m, b, f = r
+            sop, frame, patient, modality, rows, cols, px, py, pz, orient, sr, sc, m, b, f, g = r
             geom = SliceGeom(key=f"{sop}/{frame}", patient=patient, modality=modality,
                              rows=rows, columns=cols, position=(px, py, pz),
                              orientation=tuple(float(v) for v in orient.split(",")),
                              pixel_spacing=(sr, sc))
-            out.append(PendingSlice(geom, m, b, f, frame))
+            out.append(PendingSlice(geom, m, b, f, frame, g))
         return out
 
     def load_slice(self, item: PendingSlice) -> np.ndarray:
-        """One frame's stored values (raises OSError/ValueError if the array is gone/bad)."""
-        arr = np.load(self.pending_dir / item.file, mmap_mode="r", allow_pickle=False)
+        """One frame's pending values (raises OSError/ValueError if the array is gone/bad)."""
+        # In-plane slices are small: one plain read beats setting up a memory map.
+        arr = np.load(self.pending_dir / item.file, mmap_mode=None if item.grid else "r",
+                      allow_pickle=False)
         return np.ascontiguousarray(arr[item.frame])
 
     def finish_series(self, series: str, *, reason: str | None, n_slices: int, now: float,

@@ -1,0 +1,113 @@
+"""The fast paths of ingest: reader processes for trees, batch commits, in-plane pending
+slices, and the direct native decode. Each must give exactly what the plain path gives."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+
+from agent.config import ImagingSpec
+from agent.ingest import pipeline as pipeline_mod
+from agent.ingest.decode_worker import as_frames, decode_native
+from agent.ingest.dicom_read import classify, parse_header, read_dataset
+from agent.ingest.pipeline import IngestPipeline
+from tests.test_dicom_helpers import CT_SMALL, SPEC, ct_template, write_series
+
+
+def _tree(root: Path) -> None:
+    write_series(root / "a", 5)
+    write_series(root / "b", 4, patient_id="PAT-2", dz=2.0)
+    shutil.copy(root / "a" / "slice001.dcm", root / "a" / "again.dcm")  # a duplicate
+    (root / "junk.txt").write_text("not dicom")
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.compress(RLELossless, ds.pixel_array)
+    ds.save_as(root / "rle.dcm", enforce_file_format=True)
+
+
+def _run(state: Path, root: Path, workers: int, imaging: ImagingSpec | None = SPEC
+         ) -> tuple[dict, dict[str, np.ndarray]]:
+    p = IngestPipeline(state, imaging, kernel_backend="reference", tree_workers=workers)
+    try:
+        p.ingest_tree(root)
+        if imaging is None:
+            p.set_imaging(SPEC)
+        p.complete_series(quiet_s=0.0, now=time.time() + 1)
+        summary = p.summary()
+        arrays = {k: np.load(v) for k, v in p.store.series_for_patients().items()}
+    finally:
+        p.close()
+    return summary, arrays
+
+
+def test_reader_processes_match_the_in_process_walk(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_mod, "POOL_MIN_FILES", 1)
+    _tree(tmp_path / "in")
+    plain = _run(tmp_path / "s1", tmp_path / "in", workers=1)
+    pooled = _run(tmp_path / "s2", tmp_path / "in", workers=2)
+    late = _run(tmp_path / "s3", tmp_path / "in", workers=2, imaging=None)  # raw pending
+    assert plain[0] == pooled[0] == late[0]
+    assert plain[0]["stored"] == 10 and plain[0]["duplicates"] == 1
+    assert plain[0]["quarantined"] == {"not_dicom": 1}
+    # Pseudonyms use each state's own key: compare the arrays, in patient order.
+    a, b, c = ([v for _, v in sorted(r[1].items(), key=lambda kv: kv[1].sum())]
+               for r in (plain, pooled, late))
+    assert len(a) == 2
+    for x, y, z in zip(a, b, c, strict=True):
+        assert np.array_equal(x, y) and np.array_equal(x, z)
+
+
+def test_tree_batch_is_committed_when_ingest_tree_returns(tmp_path):
+    write_series(tmp_path / "in", 3)
+    p = IngestPipeline(tmp_path / "s", SPEC, kernel_backend="reference", tree_workers=1)
+    try:
+        assert p.ingest_tree(tmp_path / "in")["stored"] == 3
+    finally:
+        p.close()
+    p = IngestPipeline(tmp_path / "s", SPEC, kernel_backend="reference")
+    try:
+        assert p.store.counts()["pending_slices"] == 3
+        assert p.ingest_tree(tmp_path / "in")["duplicates"] == 3
+    finally:
+        p.close()
+
+
+def test_pending_slices_for_another_grid_make_the_series_invalid(tmp_path):
+    paths = write_series(tmp_path / "in", 3)
+    p = IngestPipeline(tmp_path / "s", SPEC, kernel_backend="reference")
+    try:
+        assert all(p.ingest_file(f).status == "stored" for f in paths)
+        p.set_imaging(ImagingSpec(modality="CT", depth=4, size=8))
+        assert p.complete_series(quiet_s=0.0, now=time.time() + 1) == []
+        assert p.summary()["series_invalid"] == {"grid_changed": 1}
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("bits,stored,signed,syntax", [
+    (16, 16, 1, ExplicitVRLittleEndian), (16, 12, 0, ExplicitVRLittleEndian),
+    (16, 12, 1, ImplicitVRLittleEndian), (8, 8, 0, ExplicitVRLittleEndian),
+    (8, 7, 1, ExplicitVRLittleEndian), (32, 32, 1, ExplicitVRLittleEndian),
+    (32, 20, 0, ImplicitVRLittleEndian)])
+def test_direct_native_decode_equals_pixel_array(tmp_path, bits, stored, signed, syntax):
+    ds = copy.deepcopy(ct_template())
+    rng = np.random.default_rng(bits + stored)
+    raw = rng.integers(0, 256, ds.Rows * ds.Columns * bits // 8, dtype=np.uint8).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, stored, stored - 1
+    ds.PixelRepresentation = signed
+    ds.PixelData = raw
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    ds = read_dataset(tmp_path / "x.dcm")
+    header = parse_header(ds, classify(ds))
+    fast = decode_native(ds, header)
+    slow = ds.pixel_array
+    assert fast.dtype == slow.dtype and np.array_equal(fast.reshape(slow.shape), slow)
+    assert np.array_equal(as_frames(fast, header), as_frames(slow, header))
