@@ -47,3 +47,19 @@ def test_shipped_example_configs_are_valid(name):
     run = subprocess.run([sys.executable, "-m", "agent", "config", "check", str(EXAMPLES / name)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def test_imaging_demo_ingests_every_study_and_ct_adds_to_the_tables(tmp_path):
+    out = tmp_path / "imaging"
+    run = subprocess.run([sys.executable, "-m", "agent", "demo", "--imaging", "--sites", "3",
+                          "--rounds", "15", "--seed", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "summary-imaging.json").read_text())
+    for site, ingest in summary["ingest"].items():
+        assert ingest["stored"] > 0 and not ingest["quarantined"], site
+        assert not ingest["series_invalid"], site
+    # One site's scanner sends RLE-compressed images: they were decoded and stored too.
+    assert summary["heldout_patients"] > 300
+    assert summary["auc_tables_and_ct"] > summary["auc_tables_only"]
+    assert "tables + head CT" in run.stdout
