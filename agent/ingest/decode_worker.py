@@ -146,11 +146,14 @@ def _serve(conn: Connection, decode: Callable[[str], np.ndarray]) -> None:
         conn.send_bytes(json.dumps({"reason": reason}).encode())
 
 
-class _Worker:
-    def __init__(self, ctx: Any, decode: Callable[[str], np.ndarray]) -> None:
+class WorkerProcess:
+    """A child process that serves requests over its end of a pipe (`target(conn, *args)`);
+    `stop` closes the pipe, joins, and kills what does not end."""
+
+    def __init__(self, ctx: Any, target: Callable[..., None], args: tuple[Any, ...],
+                 name: str) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_serve, args=(child, decode), daemon=True,
-                                   name="fedsilo-decode")
+        self.process = ctx.Process(target=target, args=(child, *args), daemon=True, name=name)
         self.process.start()
         child.close()
 
@@ -180,13 +183,13 @@ class DecodePool:
         self.timeout_s = timeout_s
         self._decode = decode
         self._ctx = multiprocessing.get_context("spawn")
-        self._idle: list[_Worker] = []
+        self._idle: list[WorkerProcess] = []
         self._started = 0
         self._cond = threading.Condition()
         self._closed = False
         self.restarts = 0
 
-    def _checkout(self) -> _Worker:
+    def _checkout(self) -> WorkerProcess:
         with self._cond:
             while not self._idle and self._started >= self.workers:
                 self._cond.wait()
@@ -196,12 +199,12 @@ class DecodePool:
                 return self._idle.pop()
             self._started += 1
         try:
-            return _Worker(self._ctx, self._decode)
+            return WorkerProcess(self._ctx, _serve, (self._decode,), "fedsilo-decode")
         except BaseException:
             self._release(None)
             raise
 
-    def _release(self, worker: _Worker | None) -> None:
+    def _release(self, worker: WorkerProcess | None) -> None:
         with self._cond:
             closed = self._closed
             if worker is not None and not closed:
@@ -212,7 +215,7 @@ class DecodePool:
         if worker is not None and closed:
             worker.stop()
 
-    def _discard(self, worker: _Worker, *, kill: bool) -> None:
+    def _discard(self, worker: WorkerProcess, *, kill: bool) -> None:
         worker.stop(kill=kill)
         self.restarts += 1
         self._release(None)
@@ -243,7 +246,7 @@ class DecodePool:
             return arr
         raise AssertionError("unreachable")
 
-    def _receive(self, worker: _Worker) -> np.ndarray:
+    def _receive(self, worker: WorkerProcess) -> np.ndarray:
         conn = worker.conn
         try:
             if not conn.poll(self.timeout_s):

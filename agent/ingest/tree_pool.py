@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import ImagingSpec
-from agent.ingest.decode_worker import ALLOWED_DTYPES, as_frames, decode_native
+from agent.ingest.decode_worker import ALLOWED_DTYPES, WorkerProcess, as_frames, decode_native
 from agent.ingest.deid import Pseudonyms, load_or_create_secret, pseudonymise, quiet_pydicom
 from agent.ingest.dicom_read import (
     FrameGeometry,
@@ -140,26 +140,12 @@ def _parsed(head: dict[str, Any], data: bytes) -> Parsed:
                   None if grid is None else str(grid))
 
 
-class _Worker:
-    def __init__(self, ctx: Any, args: tuple[str, str, str]) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_serve, args=(child, *args), daemon=True,
-                                   name="fedsilo-tree")
-        self.process.start()
-        child.close()
-        self.pending: deque[Path] = deque()
+class _Worker(WorkerProcess):
+    """A reader process plus the files sent to it and not yet answered, in order."""
 
-    def stop(self, kill: bool = False) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        if kill and self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=5)
+    def __init__(self, ctx: Any, args: tuple[str, str, str]) -> None:
+        super().__init__(ctx, _serve, args, "fedsilo-tree")
+        self.pending: deque[Path] = deque()
 
 
 class TreePool:
