@@ -198,10 +198,6 @@ class Site:
                             "clinical table to train on")
         table = load_table(self.config.data.table, plan.features, plan.target, plan.missing,
                            self.config.data.id_column)
-        if table.skipped:
-            log.warning("%s: skipped %d of %d rows: %s", self.config.data.table.name,
-                        sum(table.skipped.values()), table.rows_read,
-                        ", ".join(f"{k}={v}" for k, v in sorted(table.skipped.items())))
         x, y, images, no_image = table.x, table.y, None, 0
         if plan.model.kind == "cnn_fused":
             x, y, images, no_image = self._join_images(table, plan)
