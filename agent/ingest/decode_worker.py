@@ -127,6 +127,7 @@ def _serve(conn: Connection, decode: Callable[[str], np.ndarray]) -> None:
 
     warnings.simplefilter("ignore")  # this process's warnings could quote file values
     logging.disable(logging.CRITICAL)
+    conn.send_bytes(READY)  # imports done: from now on every wait is a file's decode time
     while True:
         try:
             request = conn.recv_bytes()
@@ -144,6 +145,10 @@ def _serve(conn: Connection, decode: Callable[[str], np.ndarray]) -> None:
         except Exception:  # noqa: BLE001 - any codec error is this file's problem
             reason = DECODE_FAILED
         conn.send_bytes(json.dumps({"reason": reason}).encode())
+
+
+READY = b"ready"
+STARTUP_TIMEOUT_S = 120.0
 
 
 class WorkerProcess:
@@ -199,10 +204,20 @@ class DecodePool:
                 return self._idle.pop()
             self._started += 1
         try:
-            return WorkerProcess(self._ctx, _serve, (self._decode,), "fedsilo-decode")
+            worker = WorkerProcess(self._ctx, _serve, (self._decode,), "fedsilo-decode")
         except BaseException:
             self._release(None)
             raise
+        # A spawned worker first imports pydicom and numpy, which can take seconds on a busy
+        # host; that start-up must not count against the first file's decode timeout.
+        try:
+            ready = worker.conn.poll(STARTUP_TIMEOUT_S) and worker.conn.recv_bytes() == READY
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self._discard(worker, kill=True)
+            raise Rejected(DECODE_CRASHED)
+        return worker
 
     def _release(self, worker: WorkerProcess | None) -> None:
         with self._cond:
