@@ -12,21 +12,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from kernels.cpu_jit import F32 as _F32
+from kernels.cpu_jit import jit as _jit
+from kernels.cpu_jit import parallel as _parallel
+from kernels.cpu_jit import pjit as _pjit
 from kernels.reference import _labels, _same_shape
 
 # Below this many multiply-adds (dense) or elements (steps), thread start-up costs more than it
 # saves. Tests set it to 0 to run the parallel loops on small inputs.
 PARALLEL_MIN_WORK = 1 << 16
-
-_F32 = np.float32
-_jit = njit(cache=True, fastmath=False)
-_pjit = njit(cache=True, fastmath=False, parallel=True)
-
-
-def _parallel(work: int) -> bool:
-    return work >= PARALLEL_MIN_WORK
 
 
 def _f32(name: str, a: np.ndarray, ndim: int | None = None, *, writable: bool = False) -> None:

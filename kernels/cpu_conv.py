@@ -14,8 +14,12 @@ each); serial or parallel by work size.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from kernels.cpu_jit import F32 as _F32
+from kernels.cpu_jit import jit as _jit
+from kernels.cpu_jit import parallel as _parallel
+from kernels.cpu_jit import pjit as _pjit
 from kernels.ref_conv import (
     MAXPOOL_INDEX_DTYPE,
     check_conv,
@@ -23,20 +27,6 @@ from kernels.ref_conv import (
     check_pool_input,
     check_x_shape,
 )
-
-_F32 = np.float32
-_jit = njit(cache=True, fastmath=False)
-_pjit = njit(cache=True, fastmath=False, parallel=True)
-
-
-def _parallel(work: int) -> bool:
-    """One threshold for the whole cpu backend: `kernels.cpu.PARALLEL_MIN_WORK` (tests lower it).
-
-    Imported at call time because kernels.cpu imports this module.
-    """
-    from kernels import cpu
-
-    return work >= cpu.PARALLEL_MIN_WORK
 
 
 def _f32(name: str, a: np.ndarray) -> None:

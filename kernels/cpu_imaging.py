@@ -13,24 +13,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from kernels.cpu_jit import F32 as _F32
+from kernels.cpu_jit import jit as _jit
+from kernels.cpu_jit import parallel as _parallel
+from kernels.cpu_jit import pjit as _pjit
 from kernels.ref_imaging import check_depth_args, check_slice_args, depth_coords
-
-_F32 = np.float32
-_jit = njit(cache=True, fastmath=False)
-_pjit = njit(cache=True, fastmath=False, parallel=True)
-
-
-def _parallel(work: int) -> bool:
-    """One threshold for the whole cpu backend: `kernels.cpu.PARALLEL_MIN_WORK` (tests lower it).
-
-    Imported at call time because kernels.cpu imports this module.
-    """
-    from kernels import cpu
-
-    return work >= cpu.PARALLEL_MIN_WORK
-
 
 # ---------------------------------------------------------------------------- one slice
 
