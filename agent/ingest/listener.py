@@ -19,7 +19,6 @@ Why it looks like this:
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
@@ -49,7 +48,8 @@ from pynetdicom.sop_class import Verification
 
 from agent.config import DicomSources
 from agent.errors import FedsiloError
-from agent.ingest.watch import DICOM_SUFFIX, fsync_dir, unlink_quietly
+from agent.ingest.watch import DICOM_SUFFIX, unlink_quietly
+from agent.ops.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -288,18 +288,6 @@ class DicomListener:
 
     def _write(self, data: bytes) -> Path:
         """Write-temp, fsync, rename, fsync dir: the file appears whole or not at all."""
-        token = secrets.token_hex(16)
-        final = self.incoming_dir / f"{token}{DICOM_SUFFIX}"
-        tmp = self.incoming_dir / f".{token}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-        fsync_dir(self.incoming_dir)
+        final = self.incoming_dir / f"{secrets.token_hex(16)}{DICOM_SUFFIX}"
+        write_atomic(final, lambda fh: fh.write(data), mode=0o600)
         return final

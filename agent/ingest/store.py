@@ -33,6 +33,7 @@ from agent.config import ImagingSpec
 from agent.ingest.deid import Pseudonyms
 from agent.ingest.dicom_read import ImageHeader
 from agent.ingest.series import SliceGeom
+from agent.ops.atomic import write_atomic
 
 PENDING, COMPLETE, INVALID = "pending", "complete", "invalid"
 ADDED, DUPLICATE, SERIES_CLOSED = "added", "duplicate", "series_closed"
@@ -84,18 +85,8 @@ class PendingSlice:
 def save_npy_atomic(path: Path, array: np.ndarray, *, fsync: bool = True) -> None:
     """np.save (no pickle) to a private temp file, fsync (unless the caller syncs a whole
     batch later), rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda fh: np.save(fh, array, allow_pickle=False), mode=0o600,
+                 fsync=fsync, sync_dir=False)
 
 
 def sync_files(directory: Path, names: list[str]) -> None:

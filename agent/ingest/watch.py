@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.ops.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 OnFile = Callable[[Path, str], None]
@@ -230,20 +232,6 @@ def _copy_across(src: Path, dest: Path) -> None:
     except OSError:
         unlink_quietly(dest)  # not handed over yet: better than ingesting it twice
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: not every filesystem lets a directory be fsync'ed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _resolved(path: Path) -> Path:
