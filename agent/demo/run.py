@@ -94,8 +94,8 @@ def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
                  verbose: bool = True) -> DemoFiles:
     """Generate each hospital's cohort and the common test set; write the plan."""
     out = out.resolve()
-    for stale in ("coordinator", "broker"):  # a demo always starts a fresh federation
-        shutil.rmtree(out / stale, ignore_errors=True)
+    # A demo always starts a fresh federation (coordinator_for clears the coordinator's state).
+    shutil.rmtree(out / "broker", ignore_errors=True)
     rng = np.random.default_rng(seed)
     profiles = cohort.default_profiles(sites, seed)
     for p in profiles:
