@@ -87,9 +87,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_warm_cache(args: argparse.Namespace) -> int:
+    from agent.ingest import dicom_native
     from agent.learn.warm import warm_kernels
 
-    print(f"numba kernels compiled and cached in {warm_kernels():.1f} s")
+    seconds = warm_kernels()
+    dicom_native.warm()
+    print(f"numba kernels compiled and cached in {seconds:.1f} s")
     return 0
 
 

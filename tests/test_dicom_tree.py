@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from agent.ingest import pipeline as pipeline_mod
 from agent.ingest.decode_worker import as_frames, decode_native
 from agent.ingest.dicom_read import classify, parse_header, read_dataset
 from agent.ingest.pipeline import IngestPipeline
+from agent.ingest.tree_pool import TreePool
 from tests.test_dicom_helpers import CT_SMALL, SPEC, ct_template, write_series
 
 
@@ -48,10 +50,20 @@ def _run(state: Path, root: Path, workers: int, imaging: ImagingSpec | None = SP
 
 def test_reader_processes_match_the_in_process_walk(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_mod, "POOL_MIN_FILES", 1)
+    taken = []
+    offer = TreePool.offer
+
+    def offer_once_started(self, path):  # readers start in the background; wait for them
+        self._starter.join()
+        taken.append(offer(self, path))
+        return taken[-1]
+
+    monkeypatch.setattr(TreePool, "offer", offer_once_started)
     _tree(tmp_path / "in")
     plain = _run(tmp_path / "s1", tmp_path / "in", workers=1)
     pooled = _run(tmp_path / "s2", tmp_path / "in", workers=2)
     late = _run(tmp_path / "s3", tmp_path / "in", workers=2, imaging=None)  # raw pending
+    assert sum(taken) >= 4  # the reader did ingest files (a full queue at least)
     assert plain[0] == pooled[0] == late[0]
     assert plain[0]["stored"] == 10 and plain[0]["duplicates"] == 1
     assert plain[0]["quarantined"] == {"not_dicom": 1}
@@ -111,3 +123,35 @@ def test_direct_native_decode_equals_pixel_array(tmp_path, bits, stored, signed,
     slow = ds.pixel_array
     assert fast.dtype == slow.dtype and np.array_equal(fast.reshape(slow.shape), slow)
     assert np.array_equal(as_frames(fast, header), as_frames(slow, header))
+
+
+def test_a_reader_killed_mid_walk_loses_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_mod, "POOL_MIN_FILES", 1)
+    offer = TreePool.offer
+    sent = []
+
+    def offer_then_kill(self, path):
+        self._starter.join()
+        ok = offer(self, path)
+        sent.append(ok)
+        if sum(sent) == 3:  # the reader holds answered, uncommitted files now
+            self._readers[0].process.kill()
+        return ok
+
+    monkeypatch.setattr(TreePool, "offer", offer_then_kill)
+    _tree(tmp_path / "in")
+    plain = _run(tmp_path / "s1", tmp_path / "in", workers=1)[0]
+    killed = _run(tmp_path / "s2", tmp_path / "in", workers=2)[0]
+    assert sum(sent) >= 3
+
+
+    def files(summary: dict) -> Counter:
+        return Counter({"stored": summary["stored"], "duplicates": summary["duplicates"],
+                        **summary["quarantined"], **summary["skipped"]})
+
+    # Every file is accounted for once; at most the one the reader was on when killed
+    # changed category (to decode_crashed), and the store holds what the outcomes say.
+    lost = files(plain) - files(killed)
+    assert files(killed) - files(plain) <= Counter(decode_crashed=1)
+    assert lost.total() == killed["quarantined"].get("decode_crashed", 0)
+    assert killed["instances"] == killed["stored"]

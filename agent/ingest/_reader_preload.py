@@ -1,6 +1,6 @@
-"""Imported only by the tree readers' forkserver (see tree_pool): load the in-plane kernel
-there once, so every reader forked from it starts with it compiled instead of paying the
-JIT-cache load (about 0.3 s) per reader."""
+"""Imported only by the tree readers' forkserver (see tree_pool): load the in-plane kernel and
+the native DICOM walker there once, so every reader forked from it starts with them compiled
+instead of paying the JIT-cache load (about 0.3 s) per reader."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import numpy as np
 
 try:
     import kernels
+    from agent.ingest import dicom_native
+
+    dicom_native.warm()
 
     _backend = kernels.get_backend("auto")
     for _dtype in (np.int16, np.uint16):

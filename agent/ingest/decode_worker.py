@@ -79,17 +79,27 @@ def _view_native(ds: pydicom.Dataset, header: ImageHeader) -> np.ndarray | None:
         stored = int(kept(ds, "BitsStored") or bits)
     except (TypeError, ValueError):
         return None
-    if not isinstance(data, bytes) or bits not in (8, 16, 32):
+    if not isinstance(data, (bytes, memoryview)) or bits not in (8, 16, 32):
         return None
     count = header.frames * header.rows * header.columns
     if len(data) < count * bits // 8:
         return None
     arr = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{bits // 8}", count=count)
-    if stored < bits:  # as pydicom's correct_unused_bits
+    if stored < bits and not _within_stored_bits(arr, stored, signed):
+        # As pydicom's correct_unused_bits; most files need nothing (one read to check).
         arr = arr.copy()
         np.left_shift(arr, bits - stored, out=arr)
         np.right_shift(arr, bits - stored, out=arr)
     return arr
+
+
+def _within_stored_bits(arr: np.ndarray, stored: int, signed: bool) -> bool:
+    """Whether masking/sign-extending above bit `stored` would leave every value as it is."""
+    if arr.size == 0 or stored < 1:
+        return True
+    if signed:
+        return -(1 << (stored - 1)) <= int(arr.min()) and int(arr.max()) < 1 << (stored - 1)
+    return int(arr.max()) < 1 << stored
 
 
 def as_frames(pixels: np.ndarray, header: ImageHeader) -> np.ndarray:

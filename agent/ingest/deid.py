@@ -162,7 +162,8 @@ def silence_pydicom_logging() -> None:
     logger = logging.getLogger("pydicom")
     if _DROP_ALL not in logger.filters:
         logger.addFilter(_DROP_ALL)
-    logger.setLevel(logging.CRITICAL + 10)
+    if logger.level != logging.CRITICAL + 10:  # setLevel clears every logger's level cache
+        logger.setLevel(logging.CRITICAL + 10)
     logger.propagate = False
     if not any(f[0] == "ignore" and getattr(f[3], "pattern", f[3]) == _PYDICOM_MODULES
                for f in warnings.filters):

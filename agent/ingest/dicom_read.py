@@ -206,6 +206,8 @@ def transfer_syntax(ds: pydicom.Dataset) -> dicom_uid.UID:
     (recorded in file_meta, which pixel decoding needs)."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if isinstance(ts, dicom_uid.UID):
+        return ts
     if ts:
         return dicom_uid.UID(str(ts))
     implicit, little = getattr(ds, "original_encoding", (True, True))
@@ -226,10 +228,10 @@ def classify(ds: pydicom.Dataset) -> str:
     sop = kept(ds, "SOPClassUID")
     if not sop:
         raise Rejected(with_keyword(MISSING_ATTRIBUTE, "SOPClassUID"))
-    sop = dicom_uid.UID(str(sop).strip())
+    sop = str(sop).strip()
     if sop not in IMAGE_SOP_CLASSES:
-        keyword = sop.keyword if sop.keyword.isalnum() else "unknown"
-        raise skip(with_keyword(NOT_CT_MR, keyword))
+        keyword = dicom_uid.UID(sop).keyword
+        raise skip(with_keyword(NOT_CT_MR, keyword if keyword.isalnum() else "unknown"))
     burned = kept(ds, "BurnedInAnnotation")
     if isinstance(burned, str) and burned.strip().upper() == "YES":
         raise skip(BURNED_IN_ANNOTATION)
@@ -306,7 +308,7 @@ def parse_header(ds: pydicom.Dataset, modality: str) -> ImageHeader:
         _check_decoder(ts)
     else:
         data = kept(ds, "PixelData")
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, memoryview)):  # memoryview: dicom_native
             raise Rejected(with_keyword(INVALID_ATTRIBUTE, "PixelData"))
         if len(data) < rows * columns * frames * bits // 8:
             raise Rejected(TRUNCATED)
@@ -352,11 +354,12 @@ def _lookup(groups: list[Any], top: Any, sequence: str, keyword: str,
 
 
 def _unit_orientation(orientation: tuple[float, ...]) -> tuple[float, ...]:
-    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
-    nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
-    if not (0.9 < nr < 1.1 and 0.9 < nc < 1.1) or abs(float(row @ col)) > 0.05 * nr * nc:
+    row, col = orientation[:3], orientation[3:]
+    nr, nc = math.hypot(*row), math.hypot(*col)
+    dot = sum(r * c for r, c in zip(row, col, strict=True))
+    if not (0.9 < nr < 1.1 and 0.9 < nc < 1.1) or abs(dot) > 0.05 * nr * nc:
         raise Rejected(with_keyword(INVALID_ATTRIBUTE, "ImageOrientationPatient"))
-    return tuple(float(v) for v in np.concatenate([row / nr, col / nc]))
+    return tuple(v / nr for v in row) + tuple(v / nc for v in col)
 
 
 def frame_geometry(ds: pydicom.Dataset, frames: int) -> tuple[FrameGeometry, ...]:

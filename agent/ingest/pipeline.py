@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,14 +32,11 @@ import numpy as np
 from agent.config import ImagingSpec
 from agent.errors import DataError
 from agent.ingest import store as image_store
-from agent.ingest.decode_worker import DecodePool, as_frames, decode_native
-from agent.ingest.deid import Pseudonyms, load_or_create_secret, pseudonymise, quiet_pydicom
+from agent.ingest.decode_worker import DecodePool
+from agent.ingest.deid import Pseudonyms, load_or_create_secret, quiet_pydicom
 from agent.ingest.dicom_read import (
     ImageHeader,
-    classify,
     dicomdir_files,
-    parse_header,
-    read_dataset,
 )
 from agent.ingest.preprocess import (
     check_positions,
@@ -48,6 +45,9 @@ from agent.ingest.preprocess import (
     preprocess_planes,
 )
 from agent.ingest.quarantine import (
+    DECODE_CRASHED,
+    DECODE_TIMEOUT,
+    DEFERRED,
     DUPLICATE,
     INTERNAL_ERROR,
     NOT_A_FILE,
@@ -59,8 +59,9 @@ from agent.ingest.quarantine import (
     Quarantine,
     Rejected,
 )
+from agent.ingest.reader import read_image
 from agent.ingest.series import check_series
-from agent.ingest.tree_pool import FALLBACK, Parsed, Result, TreePool
+from agent.ingest.tree_pool import Result, TreePool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ PENDING_LOST = "pending_lost"  # a pending slice array vanished from disk
 PREPROCESS_FAILED = "preprocess_failed"  # the kernels refused the slices (logged by type)
 GRID_CHANGED = "grid_changed"  # slices were preprocessed on arrival for another plan's grid
 TREE_BATCH = 256  # files per durable commit in ingest_tree
-POOL_MIN_FILES = 2000  # below this, starting readers (~0.6 s cold) costs more than they save
+FINISH_BATCH = 32  # completed series made durable together (arrays held meanwhile)
+POOL_MIN_FILES = 64  # below this a tree is read in the agent alone
 
 _SOURCE = re.compile(r"[^A-Za-z0-9_.:@-]")
 
@@ -139,17 +141,12 @@ class IngestPipeline:
         return outcome
 
     def _ingest(self, path: Path, source: str) -> IngestOutcome:
-        ds = read_dataset(path)
-        modality = classify(ds)
-        ids = pseudonymise(ds, self.secret)
-        if self.store.has_instance(ids.sop):
+        image = read_image(path, self.secret, known=self.store.has_instance,
+                           decode_compressed=self.decoder.decode)
+        if image.header is None or image.frames is None:
             return IngestOutcome(DUPLICATE)
-        header = parse_header(ds, modality)
-        raw = self.decoder.decode(path) if header.compressed else decode_native(ds, header)
-        pixels = as_frames(raw, header)
-        del ds, raw
-        pixels, grid = self._inplane(pixels, header)
-        return self._store(ids, header, pixels, grid, source)
+        pixels, grid = self._inplane(image.frames, image.header)
+        return self._store(image.ids, image.header, pixels, grid, source)
 
     def _store(self, ids: Pseudonyms, header: ImageHeader, pixels: np.ndarray,
                grid: str | None, source: str) -> IngestOutcome:
@@ -201,21 +198,27 @@ class IngestPipeline:
         lists). Symbolic links and hidden files are not followed. Returns `summary()`."""
         root = Path(root)
         files = _tree_files(root)
-        bar = _Progress(len(files), stream or sys.stderr) if progress else None
+        bar = _Progress(len(files), stream or sys.stderr, sum(self._files.values())) \
+            if progress else None
         # The files stay where they are, so instances are committed per batch (durable before
         # this returns), not one fsync + commit each.
         real = [f for f in files if f is not None]
+        late = self.store.late_duplicates
         with self.store.group(TREE_BATCH), self._readers(len(real)) as pool:
-            results = iter(pool.map(real)) if pool is not None else None
-            for i, path in enumerate(files, 1):
+            for path in files:
                 if path is None:
                     self._count(IngestOutcome(SKIPPED, NOT_A_FILE))
-                elif results is None:
+                elif pool is None or not pool.offer(path):
                     self.ingest_file(path, source="tree")
-                else:
-                    self._tree_result(*next(results))
+                if pool is not None:
+                    self._take(pool.ready())
                 if bar is not None:
-                    bar.update(i, self._files)
+                    bar.update(self._files)
+            if pool is not None:
+                pool.request_commit()
+                self.store.commit_group()
+                self._take(pool.finish(), bar)
+        self._recount_late_duplicates(self.store.late_duplicates - late)
         if bar is not None:
             bar.finish(self._files)
         return self.summary()
@@ -224,17 +227,32 @@ class IngestPipeline:
         """Reader processes for a tree big enough to repay starting them."""
         if self.tree_workers < 2 or n_files < POOL_MIN_FILES:
             return contextlib.nullcontext()
-        return TreePool(self.tree_workers, self.state_dir, self._imaging, self._kernel_backend,
-                        self.decoder.timeout_s)
+        return TreePool(self.tree_workers - 1, self.state_dir, self._imaging, self._kernel_backend,
+                        self.decoder.timeout_s, TREE_BATCH)
 
-    def _tree_result(self, path: Path, result: Result) -> IngestOutcome:
-        if isinstance(result, Parsed):
-            return self._settle(path, lambda: self._store(result.ids, result.header,
-                                                         result.pixels, result.grid, "tree"),
-                                source="tree", consume=False)
-        if result == FALLBACK:  # rejected, compressed, or a worker error: the usual path
-            return self.ingest_file(path, source="tree")
-        return self._settle(path, lambda: _reject(result), source="tree", consume=False)
+    def _recount_late_duplicates(self, n: int) -> None:
+        """n files counted as stored turned out, at commit, to be stored already."""
+        with self._counts_lock:
+            n = min(n, self._files[STORED])
+            self._files[STORED] -= n
+            self._files[DUPLICATE] += n
+
+    def _take(self, results: Iterator[Result | int], bar: _Progress | None = None) -> None:
+        """Count what readers committed; ingest here what they handed back. An int is a
+        reader's count of late duplicates among what it just committed."""
+        for result in results:
+            if isinstance(result, int):
+                self._recount_late_duplicates(result)
+                continue
+            path, status, reason = result
+            if status == DEFERRED:
+                self.ingest_file(path, source="tree")
+            elif status == QUARANTINED and reason in (DECODE_CRASHED, DECODE_TIMEOUT):
+                self._settle(path, lambda r=reason: _reject(r), source="tree", consume=False)
+            else:
+                self._count(IngestOutcome(status, reason))
+            if bar is not None:
+                bar.update(self._files)
 
     # ------------------------------------------------------------------ series
 
@@ -257,6 +275,7 @@ class IngestPipeline:
                 # A missing or unusable backend is our configuration problem, not the series':
                 # it raises here and the series stay pending.
                 self._load_kernels()
+            finished = []
             for series in due:
                 try:
                     reason, n, array = self._assemble(series, imaging)
@@ -264,13 +283,17 @@ class IngestPipeline:
                     log.error("series %s failed to preprocess (%s)", series[:8],
                               type(exc).__name__)
                     reason, n, array = PREPROCESS_FAILED, 0, None
-                self.store.finish_series(series, reason=reason, n_slices=n, now=now,
-                                         array=array, imaging=imaging if array is not None
-                                         else None)
+                finished.append(image_store.FinishedSeries(
+                    series, reason, n, array, imaging if array is not None else None))
                 if reason is None:
                     done.append(series)
                 log.log(logging.DEBUG if reason is None else logging.INFO,
                         "series %s: %s (%d slices)", series[:8], reason or "complete", n)
+                if len(finished) >= FINISH_BATCH:
+                    self.store.finish_series(finished, now=now)
+                    finished = []
+            if finished:
+                self.store.finish_series(finished, now=now)
         return done
 
     def _assemble(self, series: str, imaging: ImagingSpec
@@ -291,18 +314,19 @@ class IngestPipeline:
             return GRID_CHANGED, len(ordered), None
         positions = check_positions(check.positions)
         stack = np.empty((len(ordered), imaging.size, imaging.size), dtype=np.float32)
-        for i, item in enumerate(ordered):
-            try:
-                pending = self.store.load_slice(item)
-            except (OSError, ValueError, IndexError):
-                return PENDING_LOST, len(ordered), None
-            if item.grid is None:  # stored values: the in-plane step happens now
-                stack[i] = preprocess_plane(pending, item.slope, item.intercept, imaging,
-                                            self._kernels, index=i)
-            elif pending.shape == stack.shape[1:] and pending.dtype == np.float32:
-                stack[i] = pending
-            else:
-                return PENDING_LOST, len(ordered), None
+        with contextlib.closing(self.store.load_slices(ordered)) as frames:
+            for i, item in enumerate(ordered):
+                try:
+                    pending = next(frames)
+                except (OSError, ValueError, StopIteration):
+                    return PENDING_LOST, len(ordered), None
+                if item.grid is None:  # stored values: the in-plane step happens now
+                    stack[i] = preprocess_plane(pending, item.slope, item.intercept, imaging,
+                                                self._kernels, index=i)
+                elif pending.shape == stack.shape[1:] and pending.dtype == np.float32:
+                    stack[i] = pending
+                else:
+                    return PENDING_LOST, len(ordered), None
         array = np.asarray(self._kernels.resample_depth(stack, positions, imaging.depth))
         shape = (imaging.depth, imaging.size, imaging.size)
         if array.shape != shape or array.dtype != np.float32 or not np.isfinite(array).all():
@@ -364,23 +388,24 @@ def _tree_files(root: Path) -> list[Path | None]:
 class _Progress:
     """One self-overwriting line on a terminal; one final line elsewhere (log files)."""
 
-    def __init__(self, total: int, stream: TextIO) -> None:
-        self.total, self.stream = total, stream
+    def __init__(self, total: int, stream: TextIO, start: int) -> None:
+        self.total, self.stream, self.start = total, stream, start  # start: files counted before
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self._last = 0.0
 
-    def _line(self, done: int, files: Counter[str]) -> str:
+    def _line(self, files: Counter[str]) -> str:
+        done = sum(files.values()) - self.start
         return (f"ingest: {done}/{self.total} files, {files[STORED]} stored, "
                 f"{files[DUPLICATE]} duplicate, {files[QUARANTINED]} quarantined, "
                 f"{files[SKIPPED]} skipped")
 
-    def update(self, done: int, files: Counter[str]) -> None:
+    def update(self, files: Counter[str]) -> None:
         now = time.monotonic()
         if self.tty and now - self._last >= 0.1:
             self._last = now
-            self.stream.write("\r" + self._line(done, files))
+            self.stream.write("\r" + self._line(files))
             self.stream.flush()
 
     def finish(self, files: Counter[str]) -> None:
-        self.stream.write(("\r" if self.tty else "") + self._line(self.total, files) + "\n")
+        self.stream.write(("\r" if self.tty else "") + self._line(files) + "\n")
         self.stream.flush()

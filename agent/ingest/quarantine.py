@@ -25,6 +25,7 @@ STORED = "stored"
 DUPLICATE = "duplicate"
 QUARANTINED = "quarantined"
 SKIPPED = "skipped"
+DEFERRED = "deferred"  # only between a tree reader and the agent: "ingest this one yourself"
 
 # Quarantine reasons (the file is kept for a person to look at).
 NOT_DICOM = "not_dicom"  # no DICOM preamble and not a plausible raw data set, or unparseable

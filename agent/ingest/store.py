@@ -1,15 +1,19 @@
 """The site's local image store: a SQLite index plus .npy arrays under `state_dir/images/`.
 
     images/index.sqlite        instances (one row per slice) and series (status, reason, array)
-    images/pending/<sop>.npy   one instance [frames, ...]: stored pixel values [r, c], or, when
-                               the plan's grid was known on arrival, the in-plane preprocessed
-                               slices [size, size] float32 (`pending_grid` names the grid)
+    images/pending/<series>.bin  the series' frames as they arrive, appended raw: stored pixel
+                               values [r, c], or, when the plan's grid was known on arrival,
+                               the in-plane preprocessed slice [size, size] float32
+                               (`pending_grid` names the grid); each index row holds its
+                               frame's offset, dtype and shape
     images/series/<series>.npy the preprocessed series, float32 [depth, size, size]
 
 Everything here is already de-identified: keys are pseudonyms, geometry is numbers, pixels are
-arrays. An instance is written to pending/ before its index row commits, so a crash leaves at
-worst an orphan array (removed at the next start), never a row without its pixels. Arrays are
-saved and loaded with allow_pickle=False. The store is thread-safe (one lock, one connection):
+arrays. An instance is appended to its series' pending file (and made durable) before its
+index row commits, so a crash leaves at worst bytes no row points at (dropped with the file
+when the series completes), never a row without its pixels. One append per slice, one unlink
+per series: a file per slice cost more than reading the slice. Arrays are saved and loaded
+with allow_pickle=False. The store is thread-safe (one lock, one connection):
 the ingest thread adds instances while the training side asks for finished series.
 """
 
@@ -33,7 +37,7 @@ from agent.config import ImagingSpec
 from agent.ingest.deid import Pseudonyms
 from agent.ingest.dicom_read import ImageHeader
 from agent.ingest.series import SliceGeom
-from agent.ops.atomic import write_atomic
+from agent.ops.atomic import fsync_dir, write_atomic
 
 PENDING, COMPLETE, INVALID = "pending", "complete", "invalid"
 ADDED, DUPLICATE, SERIES_CLOSED = "added", "duplicate", "series_closed"
@@ -48,6 +52,7 @@ CREATE TABLE IF NOT EXISTS instances (
     orientation TEXT NOT NULL, spacing_r REAL NOT NULL, spacing_c REAL NOT NULL,
     slope REAL NOT NULL, intercept REAL NOT NULL,
     received REAL NOT NULL, source TEXT NOT NULL, pending_file TEXT, pending_grid TEXT,
+    pending_offset INTEGER, pending_dtype TEXT, pending_rows INTEGER, pending_cols INTEGER,
     PRIMARY KEY (sop, frame));
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series);
 CREATE TABLE IF NOT EXISTS series (
@@ -60,7 +65,12 @@ CREATE INDEX IF NOT EXISTS series_status ON series(status);
 """
 
 
-_INSERT_INSTANCE = "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_INSTANCE = ("INSERT INTO instances VALUES "
+                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_PENDING_COLUMNS = {"pending_grid": "TEXT", "pending_offset": "INTEGER",
+                    "pending_dtype": "TEXT", "pending_rows": "INTEGER",
+                    "pending_cols": "INTEGER"}
+PENDING_DTYPES = frozenset({"<i2", "<u2", "<i4", "<f4"})  # what as_frames / in-plane give
 _UPSERT_SERIES = ("INSERT INTO series (series, study, patient, modality, status, first_received, "
                   "last_received) VALUES (?,?,?,?,?,?,?) ON CONFLICT(series) DO UPDATE SET "
                   "last_received = max(last_received, excluded.last_received)")
@@ -73,6 +83,15 @@ def grid_label(imaging: ImagingSpec) -> str:
 
 
 @dataclass(frozen=True)
+class FinishedSeries:
+    series: str
+    reason: str | None  # None: complete, with `array` made for `imaging`
+    n_slices: int
+    array: np.ndarray | None = None
+    imaging: ImagingSpec | None = None
+
+
+@dataclass(frozen=True)
 class PendingSlice:
     geom: SliceGeom
     slope: float
@@ -80,6 +99,9 @@ class PendingSlice:
     file: str  # name under pending/
     frame: int
     grid: str | None = None  # grid label when the file holds in-plane preprocessed slices
+    offset: int | None = None  # where the frame starts in `file`
+    dtype: str = "<f4"
+    shape: tuple[int, int] = (0, 0)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray, *, fsync: bool = True) -> None:
@@ -87,6 +109,28 @@ def save_npy_atomic(path: Path, array: np.ndarray, *, fsync: bool = True) -> Non
     batch later), rename."""
     write_atomic(path, lambda fh: np.save(fh, array, allow_pickle=False), mode=0o600,
                  fsync=fsync, sync_dir=False)
+
+
+def append_frames(path: Path, frames: np.ndarray, *, fsync: bool) -> int:
+    """Append C-contiguous frames to `path` (created 0600); returns the offset they start at.
+
+    O_APPEND keeps concurrent writers (the daemon and a one-shot `fedsilo ingest`) from
+    overwriting each other; the offset is read back from where this write ended."""
+    data = memoryview(np.ascontiguousarray(frames)).cast("B")
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to the pending store ({written} of {len(data)} bytes)")
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if fsync and created:
+        fsync_dir(path.parent)
+    return end - len(data)
 
 
 def sync_files(directory: Path, names: list[str]) -> None:
@@ -142,9 +186,13 @@ class ImageStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
-        if "pending_grid" not in columns:  # an index made before in-plane pending slices
-            self._db.execute("ALTER TABLE instances ADD COLUMN pending_grid TEXT")
+        for name, kind in _PENDING_COLUMNS.items():  # an index made by an earlier version
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {kind}")
         self._group: _Group | None = None
+        # Instances a group commit found already stored by another process (the add said
+        # ADDED): callers that count outcomes move that many from stored to duplicate.
+        self.late_duplicates = 0
         self._remove_orphans()
 
     @contextmanager
@@ -201,23 +249,33 @@ class ImageStore:
                 finally:
                     self._group = None
 
+    def commit_group(self) -> None:
+        """Make every instance added in the open group durable now."""
+        with self._lock:
+            if self._group is None:
+                raise RuntimeError("no store group open")
+            self._flush()
+
     def _flush(self) -> None:
         group = self._group
         if group is None or not group.rows:
             return
         files, rows, series = group.files, group.rows, group.series
         group.files, group.rows, group.series, group.sops = [], [], [], set()
-        try:
-            sync_files(self.pending_dir, files)
-            with self._tx() as db:
-                # OR IGNORE: another process stored one of these instances meanwhile (same
-                # SOP pseudonym, so the same pending file name and content).
-                db.executemany(_INSERT_INSTANCE.replace("INSERT", "INSERT OR IGNORE", 1), rows)
-                db.executemany(_UPSERT_SERIES, series)
-        except BaseException:
-            for name in files:
-                (self.pending_dir / name).unlink(missing_ok=True)
-            raise
+        # Bytes appended for rows that never commit stay unreferenced in their series file.
+        sync_files(self.pending_dir, sorted(set(files)))
+        sops = sorted({r[0] for r in rows})
+        with self._tx() as db:
+            # Another process (a tree reader, the daemon) may have stored some of these
+            # instances meanwhile: its rows stay, ours are ignored and counted as duplicates.
+            present = 0
+            for i in range(0, len(sops), 500):
+                chunk = sops[i:i + 500]
+                present += db.execute("SELECT count(DISTINCT sop) FROM instances WHERE sop IN "
+                                      f"({','.join('?' * len(chunk))})", chunk).fetchone()[0]
+            db.executemany(_INSERT_INSTANCE.replace("INSERT", "INSERT OR IGNORE", 1), rows)
+            db.executemany(_UPSERT_SERIES, series)
+        self.late_duplicates += present
 
     def add_instance(self, ids: Pseudonyms, header: ImageHeader, pixels: np.ndarray, *,
                      received: float, source: str, grid: str | None = None) -> str:
@@ -230,13 +288,19 @@ class ImageStore:
             status = self._query("SELECT status FROM series WHERE series = ?", (ids.series,))
             if status and status[0][0] != PENDING:
                 return SERIES_CLOSED
-            name = f"{ids.sop}.npy"
+            name = f"{ids.series}.bin"
             group = self._group
-            save_npy_atomic(self.pending_dir / name, pixels, fsync=group is None)
+            dtype = pixels.dtype.newbyteorder("<").str
+            if dtype not in PENDING_DTYPES or pixels.ndim != 3:
+                raise ValueError(f"pending frames must be [frames, r, c] of {PENDING_DTYPES}")
+            start = append_frames(self.pending_dir / name, pixels.astype(dtype, copy=False),
+                                  fsync=group is None)
+            step = pixels[0].nbytes if len(pixels) else 0
+            _, h, w = pixels.shape
             rows = [(ids.sop, f, ids.series, ids.study, ids.patient, header.modality,
                      header.rows, header.columns, *g.position,
                      ",".join(repr(v) for v in g.orientation), *g.pixel_spacing, g.slope,
-                     g.intercept, received, source, name, grid)
+                     g.intercept, received, source, name, grid, start + f * step, dtype, h, w)
                     for f, g in enumerate(header.geometry)]
             series = (ids.series, ids.study, ids.patient, header.modality, PENDING, received,
                       received)
@@ -245,7 +309,7 @@ class ImageStore:
                 group.sops.add(ids.sop)
                 group.rows += rows
                 group.series.append(series)
-                if len(group.files) >= group.size:
+                if len(group.sops) >= group.size:
                     self._flush()
                 return ADDED
             try:
@@ -254,9 +318,6 @@ class ImageStore:
                     db.execute(_UPSERT_SERIES, series)
             except sqlite3.IntegrityError:
                 return DUPLICATE  # another process stored the same instance a moment ago
-            except BaseException:
-                (self.pending_dir / name).unlink(missing_ok=True)
-                raise
             return ADDED
 
     # ------------------------------------------------------------------ series
@@ -275,45 +336,68 @@ class ImageStore:
         out = []
         for r in self._query(
                 "SELECT sop, frame, patient, modality, rows, columns, px, py, pz, orientation, "
-                "spacing_r, spacing_c, slope, intercept, pending_file, pending_grid "
-                "FROM instances "
+                "spacing_r, spacing_c, slope, intercept, pending_file, pending_grid, "
+                "pending_offset, pending_dtype, pending_rows, pending_cols FROM instances "
                 "WHERE series = ? AND pending_file IS NOT NULL ORDER BY received, sop, frame",
                 (series,)):
-            sop, frame, patient, modality, rows, cols, px, py, pz, orient, sr, sc, m, b, f, g = r
+            (sop, frame, patient, modality, rows, cols, px, py, pz, orient, sr, sc, m, b, f, g,
+             offset, dtype, h, w) = r
             geom = SliceGeom(key=f"{sop}/{frame}", patient=patient, modality=modality,
                              rows=rows, columns=cols, position=(px, py, pz),
                              orientation=tuple(float(v) for v in orient.split(",")),
                              pixel_spacing=(sr, sc))
-            out.append(PendingSlice(geom, m, b, f, frame, g))
+            out.append(PendingSlice(geom, m, b, f, frame, g, offset, dtype or "<f4",
+                                    (h or 0, w or 0)))
         return out
 
-    def load_slice(self, item: PendingSlice) -> np.ndarray:
-        """One frame's pending values (raises OSError/ValueError if the array is gone/bad)."""
-        # In-plane slices are small: one plain read beats setting up a memory map.
-        arr = np.load(self.pending_dir / item.file, mmap_mode=None if item.grid else "r",
-                      allow_pickle=False)
-        return np.ascontiguousarray(arr[item.frame])
+    def load_slices(self, items: list[PendingSlice]) -> Iterator[np.ndarray]:
+        """Each item's pending frame, in order, each pending file opened once. Raises
+        OSError/ValueError when a frame is gone or not what its row says."""
+        fds: dict[str, int] = {}
+        try:
+            for item in items:
+                # (No offset: a row from before pending files were per series; reported lost.)
+                if item.offset is None or item.dtype not in PENDING_DTYPES \
+                        or min(item.shape) < 1:
+                    raise ValueError("pending row with a bad dtype or shape")
+                if item.file not in fds:
+                    fds[item.file] = os.open(self.pending_dir / item.file, os.O_RDONLY)
+                frame = np.empty(item.shape, dtype=item.dtype)
+                view = memoryview(frame).cast("B")
+                if os.preadv(fds[item.file], [view], item.offset) != len(view):
+                    raise ValueError("pending frame cut short")
+                yield frame
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
-    def finish_series(self, series: str, *, reason: str | None, n_slices: int, now: float,
-                      array: np.ndarray | None = None, imaging: ImagingSpec | None = None
-                      ) -> None:
-        """Mark a series complete (with its array) or invalid (with a reason), then drop its
-        pending pixels."""
-        array_file = None
-        if reason is None:
-            if array is None or imaging is None:
-                raise ValueError("a complete series needs its array and imaging spec")
-            array_file = f"{series}.npy"
-            save_npy_atomic(self.series_dir / array_file, array)
-        files = {r[0] for r in self._query(
+    def finish_series(self, done: list[FinishedSeries], *, now: float) -> None:
+        """Mark series complete (with their arrays) or invalid (with a reason), then drop
+        their pending pixels: the arrays are written, made durable together (one sync),
+        and committed in one transaction."""
+        arrays: list[str] = []
+        rows = []
+        for item in done:
+            array_file = None
+            if item.reason is None:
+                if item.array is None or item.imaging is None:
+                    raise ValueError("a complete series needs its array and imaging spec")
+                array_file = f"{item.series}.npy"
+                save_npy_atomic(self.series_dir / array_file, item.array, fsync=False)
+                arrays.append(array_file)
+            rows.append((INVALID if item.reason else COMPLETE, item.reason, item.n_slices,
+                         array_file, None if item.imaging is None
+                         else grid_label(item.imaging), now, item.series))
+        if arrays:
+            sync_files(self.series_dir, arrays)
+        names = [(item.series,) for item in done]
+        files = {r[0] for item in done for r in self._query(
             "SELECT DISTINCT pending_file FROM instances WHERE series = ? "
-            "AND pending_file IS NOT NULL", (series,))}
+            "AND pending_file IS NOT NULL", (item.series,))}
         with self._tx() as db:
-            db.execute("UPDATE series SET status = ?, reason = ?, n_slices = ?, array_file = ?, "
-                       "grid = ?, completed = ? WHERE series = ?",
-                       (INVALID if reason else COMPLETE, reason, n_slices, array_file,
-                        None if imaging is None else grid_label(imaging), now, series))
-            db.execute("UPDATE instances SET pending_file = NULL WHERE series = ?", (series,))
+            db.executemany("UPDATE series SET status = ?, reason = ?, n_slices = ?, "
+                           "array_file = ?, grid = ?, completed = ? WHERE series = ?", rows)
+            db.executemany("UPDATE instances SET pending_file = NULL WHERE series = ?", names)
         for f in files:
             (self.pending_dir / f).unlink(missing_ok=True)
 
