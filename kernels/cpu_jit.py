@@ -12,9 +12,6 @@ from numba import njit
 F32 = np.float32
 jit = njit(cache=True, fastmath=False)
 pjit = njit(cache=True, fastmath=False, parallel=True)
-# For loops whose float reassociation is harmless (a blend of two rows, then a clip): lets
-# LLVM vectorise them; results stay within a few float64 ulps of the reference.
-fastjit = njit(cache=True, fastmath=True)
 
 
 def parallel(work: int) -> bool:
