@@ -108,7 +108,8 @@ def test_series_with_missing_slice_is_invalid(pipeline, tmp_path):
     assert pipeline.complete_series(quiet_s=0.0) == []
     s = pipeline.summary()
     assert s["series_invalid"] == {"missing_slice": 1} and s["series_complete"] == 0
-    # Invalid series drop their pending pixels too.
+    # Invalid series drop their pending pixels too (removed in the background; close waits).
+    pipeline.close()
     assert not list((tmp_path / "state" / "images" / "pending").iterdir())
 
 

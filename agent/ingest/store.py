@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import sqlite3
 import sys
 import threading
@@ -171,6 +172,37 @@ class _Group:
         self.series: list[tuple[Any, ...]] = []
 
 
+class _Remover:
+    """Deletes files on a background thread: freeing a finished series' pending file (many
+    MiB) takes milliseconds, which the next series' assembly can overlap. A file left by a
+    crash is unreferenced and removed at the next start."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[list[Path] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, paths: list[Path]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fedsilo-store-remove",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put(paths)
+
+    def _run(self) -> None:
+        while (paths := self._queue.get()) is not None:
+            for path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -193,6 +225,7 @@ class ImageStore:
         # Instances a group commit found already stored by another process (the add said
         # ADDED): callers that count outcomes move that many from stored to duplicate.
         self.late_duplicates = 0
+        self._remover = _Remover()
         self._remove_orphans()
 
     @contextmanager
@@ -398,8 +431,7 @@ class ImageStore:
             db.executemany("UPDATE series SET status = ?, reason = ?, n_slices = ?, "
                            "array_file = ?, grid = ?, completed = ? WHERE series = ?", rows)
             db.executemany("UPDATE instances SET pending_file = NULL WHERE series = ?", names)
-        for f in files:
-            (self.pending_dir / f).unlink(missing_ok=True)
+        self._remover.remove([self.pending_dir / f for f in files])
 
     def series_for_patients(self, imaging: ImagingSpec | None = None) -> dict[str, Path]:
         """Patient pseudonym -> array of their latest complete series (only series made
@@ -426,5 +458,7 @@ class ImageStore:
                 "series_invalid": invalid}
 
     def close(self) -> None:
+        """Waits for pending files still being removed."""
+        self._remover.close()
         with self._lock:
             self._db.close()
