@@ -14,8 +14,9 @@ file is quarantined); the files it had answered but not committed, and those que
 are handed back and the agent ingests them itself. Nothing is lost or counted twice.
 
 The agent never waits for readers to start: they start in a background thread (the first
-start of the forkserver imports numpy, pydicom and the kernels, ~0.6 s), and while no reader
-has room the agent ingests the next file itself. The wire is byte messages, never pickle: a
+start of the forkserver imports numpy, pydicom and the kernels, ~0.6 s), while no reader has
+room the agent ingests the next file itself, and readers not up when the last file has been
+handed out are stopped unused. The wire is byte messages, never pickle: a
 path out, a small JSON answer back. The pseudonymisation key is read by each reader from the
 state directory.
 """
@@ -161,7 +162,7 @@ class TreePool:
             readers, self._readers = self._readers, []
         for r in readers:
             r.stop(kill=any(exc))
-        self._starter.join(timeout=STARTUP_TIMEOUT_S)
+        # Not waiting for the starter: a reader still starting is stopped by it when ready.
 
     def offer(self, path: Path) -> bool:
         """Queue `path` on a started reader with room; False when none has (read it
@@ -186,9 +187,12 @@ class TreePool:
 
     def request_commit(self) -> None:
         """Ask every reader to commit after its last file (the request queues behind the
-        files); the agent can commit its own meanwhile."""
-        self._starter.join(timeout=STARTUP_TIMEOUT_S)
-        for reader in list(self._readers):
+        files); the agent can commit its own meanwhile. Readers not started by now are not
+        waited for (on a small tree the agent has read every file before they are up)."""
+        with self._lock:
+            self._closed = True
+            readers = list(self._readers)
+        for reader in readers:
             try:
                 reader.conn.send_bytes(_COMMIT)
             except OSError:
@@ -197,7 +201,9 @@ class TreePool:
 
     def finish(self) -> Iterator[Result | int]:
         """Every remaining result, up to each reader's commit (`request_commit` first)."""
-        for reader in list(self._readers):
+        with self._lock:
+            readers = list(self._readers)
+        for reader in readers:
             while reader.sent:
                 yield from self._receive(reader, commit=reader.sent[0] is _COMMIT_MARK)
 
