@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: demo test lint bench system-deps warm clean
+.PHONY: demo test lint bench bench-ingest system-deps warm clean
 
 $(VENV)/.stamp-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test: $(VENV)/.stamp-test system-deps lint warm
 
 bench: $(VENV)/.stamp-test system-deps warm
 	$(PY) benchmarks/bench_federation.py
+
+bench-ingest: $(VENV)/.stamp-test warm
+	$(PY) benchmarks/bench_ingest.py --repeats 7
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache demo-out
