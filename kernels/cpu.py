@@ -349,6 +349,13 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 # ---------------------------------------------------------------------------- by concern
 # Imaging and conv kernels live in their own modules; re-exported so the backend namespace is
 # one flat set of kernel names. They read PARALLEL_MIN_WORK from this module at call time.
+from kernels.cpu_codec import (  # noqa: E402, F401
+    dequantize_accumulate,
+    dequantize_int8,
+    quantize_int8,
+    scatter_dequantize_accumulate,
+    topk_indices,
+)
 from kernels.cpu_conv import (  # noqa: E402, F401
     conv2d_backward,
     conv2d_forward,

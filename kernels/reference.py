@@ -176,6 +176,13 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 # ---------------------------------------------------------------------------- by concern
 # Imaging and conv kernels live in their own modules; the backend namespace
 # re-exports them so callers see one flat set of kernel names.
+from kernels.ref_codec import (  # noqa: E402, F401
+    dequantize_accumulate,
+    dequantize_int8,
+    quantize_int8,
+    scatter_dequantize_accumulate,
+    topk_indices,
+)
 from kernels.ref_conv import (  # noqa: E402, F401
     conv2d_backward,
     conv2d_forward,
