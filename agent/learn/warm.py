@@ -36,7 +36,17 @@ def _exercise(k: ModuleType, n: int) -> None:
     k.adam_step(p, g, np.zeros(size, np.float32), np.zeros(size, np.float32), 0.1, 0.9, 0.999,
                 1e-8, 1, 0.0)
     k.weighted_accumulate(p, g, 0.5)
+    _exercise_codec(k, g)
     _exercise_imaging(k, n)
+
+
+def _exercise_codec(k: ModuleType, x: np.ndarray) -> None:
+    q, s = k.quantize_int8(x, 256, 0)
+    k.dequantize_int8(q, s, 256)
+    k.dequantize_accumulate(np.zeros_like(x), q, s, 256, 1.0)
+    idx = k.topk_indices(x, max(1, x.size // 100))
+    qk, sk = k.quantize_int8(np.ascontiguousarray(x[idx]), 256, 0)
+    k.scatter_dequantize_accumulate(np.zeros_like(x), idx, qk, sk, 256, 1.0)
 
 
 def _exercise_imaging(k: ModuleType, n: int) -> None:
