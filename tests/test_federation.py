@@ -183,5 +183,7 @@ def test_model_larger_than_one_chunk_travels_in_chunks(tmp_path, mosquitto):
     assert stop_all(procs) == [0, 0]
     model = load_model(tmp_path / "coord" / "model")
     assert model.layout.size * 4 > envelope.CHUNK_SIZE  # two chunks per body at least
-    assert all(r["bytes_received"] >= 2 * model.layout.size * 4 for r in rounds_seen)
+    # Each site's update (float32, zstd'ed) still needs several chunks.
+    assert all(site["bytes_up"] > envelope.CHUNK_SIZE
+               for r in rounds_seen for site in r["per_site"].values())
     assert final["sites"] == names

@@ -19,6 +19,7 @@ from agent.errors import ConfigError
 MODEL_KINDS = ("logistic", "mlp", "cnn_fused")
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("fedavg",)
+QUANTIZERS = ("none", "int8")
 MISSING_POLICIES = ("mean", "drop")
 FEATURE_TYPES = ("numeric", "categorical")
 
@@ -69,6 +70,21 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """How sites encode their updates (local minus global parameters) for the wire.
+
+    `quantize` "int8": one int8 code per value and a float32 scale per `block` values, with
+    stochastic rounding (unbiased); "none": float32. `topk_fraction` < 1 sends only that share
+    of the values with the largest magnitude, keeping what was not sent as a residual in the
+    site's state directory (error feedback). zstd at `zstd_level` compresses the packed bytes."""
+
+    quantize: str = "none"
+    topk_fraction: float = 1.0
+    block: int = 256
+    zstd_level: int = 3
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a federation trains: shared by the coordinator and (through the task) every site."""
 
@@ -85,6 +101,7 @@ class Plan:
     strategy: str = "fedavg"
     seed: int = 0
     imaging: ImagingSpec | None = None
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +134,10 @@ class Plan:
             },
             "strategy": self.strategy,
             "seed": self.seed,
+            "compression": {"quantize": self.compression.quantize,
+                            "topk_fraction": self.compression.topk_fraction,
+                            "block": self.compression.block,
+                            "zstd_level": self.compression.zstd_level},
         }
 
 
@@ -152,7 +173,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
     """Validate a plan given as data (from TOML on the coordinator, from JSON on a site)."""
     top = _Reader(file, doc, "")
     top.reject_unknown({"federation", "target", "features", "data", "model", "training",
-                        "strategy", "imaging"})
+                        "strategy", "imaging", "compression"})
     f = top.sub("federation", required=True)
     f.reject_unknown({"id", "sites", "rounds", "min_sites", "round_deadline_s", "seed"})
     sites_raw = f.get("sites", list, required=True)
@@ -244,6 +265,17 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
         st.reject_unknown({"name"})
         strategy = st.choice("name", STRATEGIES, "fedavg")
 
+    compression = CompressionSpec()
+    c = top.sub("compression")
+    if c is not None:
+        c.reject_unknown({"quantize", "topk_fraction", "block", "zstd_level"})
+        compression = CompressionSpec(
+            quantize=c.choice("quantize", QUANTIZERS, "none"),
+            topk_fraction=c.number("topk_fraction", 1.0, lo=1e-6, hi=1.0),
+            block=c.number("block", 256, lo=16, hi=1 << 16, integer=True),
+            zstd_level=c.number("zstd_level", 3, lo=1, hi=19, integer=True),
+        )
+
     return Plan(
         federation=f.pattern("id", FEDERATION_ID_PATTERN, "federation id", ...),
         sites=tuple(sites_raw),
@@ -258,6 +290,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
         strategy=strategy,
         seed=f.number("seed", 0, lo=0, integer=True),
         imaging=imaging,
+        compression=compression,
         source=file,
     )
 
@@ -282,6 +315,7 @@ def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
     }
     if d["imaging"] is not None:
         doc["imaging"] = d["imaging"]
+    doc["compression"] = d["compression"]
     return doc
 
 

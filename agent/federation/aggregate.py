@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import numpy as np
+
+from agent.config import CompressionSpec
+from agent.federation.codec import accumulate_update
 
 
 class FedAvgAccumulator:
@@ -30,6 +34,15 @@ class FedAvgAccumulator:
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"update weight must be positive and finite, got {weight}")
         self._kernels.weighted_accumulate(self.acc, update, float(weight))
+        self.total_weight += weight
+        self.count += 1
+
+    def add_encoded(self, body: bytes, meta: dict[str, Any], weight: float,
+                    spec: CompressionSpec) -> None:
+        """Decode an update straight into the running sum (no float32 copy of it is made)."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"update weight must be positive and finite, got {weight}")
+        accumulate_update(self.acc, weight, body, meta, spec, self._kernels)
         self.total_weight += weight
         self.count += 1
 

@@ -296,12 +296,10 @@ class Coordinator:
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             report = _validated_report(m.meta)
-            if len(body) != self.layout.size * 4:
-                raise ProtocolError("bad_update_size", f"{len(body)} bytes")
-            update = np.frombuffer(body, dtype="<f4").astype(np.float32)
-            if not np.all(np.isfinite(update)):
-                raise ProtocolError("non_finite_update")
-            acc.add(update, float(report["n_samples"]))
+            codec = m.meta.get("update")
+            if not isinstance(codec, dict):
+                raise ProtocolError("bad_field", "update")
+            acc.add_encoded(body, codec, float(report["n_samples"]), self.plan.compression)
             report["bytes_received"] = len(body)
             return report
 
@@ -319,7 +317,8 @@ class Coordinator:
             # metrics of the model the sites received this round (the previous global model)
             "eval_before": weighted_metrics(outcome.reports),
             "per_site": {s: {"n_samples": r["n_samples"], "train_loss": r["train_loss"],
-                             "eval": r.get("eval")} for s, r in outcome.reports.items()},
+                             "eval": r.get("eval"), "bytes_up": r["bytes_received"],
+                             "bytes_down": sent} for s, r in outcome.reports.items()},
             "seconds": wall,
             "slowest_train_s": slowest,
             "overhead_s": wall - slowest,

@@ -26,6 +26,7 @@ import kernels as kernel_registry
 from agent.config import Plan, SiteConfig, plan_from_dict
 from agent.errors import DataError, FedsiloError, ProtocolError
 from agent.federation import topics
+from agent.federation.codec import encode_update, kept_count, rounding_seed
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
 from agent.federation.peer import BodyReady, Peer
 from agent.federation.transport import Transport, Will
@@ -35,7 +36,7 @@ from agent.learn.layout import Layout
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
 from agent.learn.trainer import train_local
-from agent.ops.atomic import write_json_atomic
+from agent.ops.atomic import write_atomic, write_json_atomic
 from agent.ops.hardware import (
     apply_profile,
     backend_for,
@@ -328,17 +329,49 @@ class Site:
                              plan.training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step,
                              **self._images(data.train))
-        delta = (result.params - params).astype("<f4")
+        delta = (result.params - params).astype(np.float32)
+        spec = plan.compression
+        residual = self._load_residual(layout.size) if kept_count(layout.size, spec) \
+            < layout.size else None
+        encoded = encode_update(delta, spec, seed=rounding_seed(self.fed, self.site_id, m.round),
+                                kernels=self.kernels, residual=residual)
         report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
-        self._reply(m, BodyKind.UPDATE, delta.tobytes(), report)
+        self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta})
+        if encoded.residual is not None:  # after sending: a crash before re-sends the same
+            self._save_residual(encoded.residual)
+        report |= {"bytes_up": len(encoded.body), "update_raw_bytes": encoded.raw_bytes}
         self._publish_metrics(m.round, report)
+
+    def _residual_file(self) -> Path:
+        run = hashlib.sha256(str(self.run_id).encode()).hexdigest()[:16]
+        return self.config.state_dir / f"residual-{run}.f32"
+
+    def _load_residual(self, n: int) -> np.ndarray:
+        """This run's error-feedback residual (zeros when there is none or it does not fit)."""
+        try:
+            data = self._residual_file().read_bytes()
+        except FileNotFoundError:
+            return np.zeros(n, dtype=np.float32)
+        residual = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        if residual.size != n or not np.all(np.isfinite(residual)):
+            log.warning("error-feedback residual does not fit this model; starting from zero")
+            return np.zeros(n, dtype=np.float32)
+        return residual
+
+    def _save_residual(self, residual: np.ndarray) -> None:
+        path = self._residual_file()
+        write_atomic(path, lambda fh: fh.write(residual.astype("<f4").tobytes()), mode=0o600)
+        for old in self.config.state_dir.glob("residual-*.f32"):
+            if old != path:  # an earlier run's
+                old.unlink(missing_ok=True)
 
     def _publish_metrics(self, rnd: int, report: dict[str, Any]) -> None:
         """Aggregate numbers only, flat, for IT monitoring and the data scientist's dashboards."""
         doc = {"schema": 1, "site": self.site_id, "federation": self.fed, "round": rnd,
                "n_samples": report["n_samples"], "train_loss": report["train_loss"],
-               "train_seconds": report["train_seconds"],
+               "train_seconds": report["train_seconds"], "bytes_up": report["bytes_up"],
+               "update_raw_bytes": report["update_raw_bytes"],
                **{f"eval_{k}": v for k, v in report["eval"].items()},
                "bytes_sent": self.peer.bytes_sent, "ts": round(time.time(), 3)}
         self.transport.publish(topics.site_metrics(self.fed, self.site_id), encode_status(doc))

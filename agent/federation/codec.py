@@ -1,0 +1,150 @@
+"""Update codec: a site's update (local minus global parameters) to wire bytes and back.
+
+Pure functions over arrays (no I/O), so they test without a broker. The packed layout, before
+zstd, is little-endian and depends only on the manifest's codec fields:
+
+    [indices: k x uint32, as gaps from the previous index]   only when top-k (k < n)
+    int8:  [scales: ceil(m / block) x float32] [codes: m x int8]      m = k or n
+    none:  [values: m x float32]
+
+The receiver computes the exact packed size from those fields before decompressing, so zstd
+never inflates more than that (a forged frame cannot make it allocate more), and every field is
+checked before any value reaches the accumulator. With top-k, what was not sent (and the
+quantization error of what was) stays with the site as a residual that is added to the next
+update: error feedback, so nothing is lost, only delayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from agent.config import CompressionSpec
+from agent.errors import ProtocolError
+
+CODEC_VERSION = 1
+_MAX_SCALE = np.float32(np.finfo(np.float32).max / 128)  # 127 * scale stays finite
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: bytes
+    meta: dict[str, Any]  # goes into the manifest: how to decode `body`
+    residual: np.ndarray | None  # what to add to the next update (top-k only)
+    raw_bytes: int  # the float32 size of the update, for the compression ratio
+
+
+def kept_count(n: int, spec: CompressionSpec) -> int:
+    """How many values a top-k update keeps (all when topk_fraction is 1)."""
+    if spec.topk_fraction >= 1.0:
+        return n
+    return max(1, min(n, math.ceil(spec.topk_fraction * n)))
+
+
+def rounding_seed(federation: str, site: str, rnd: int) -> int:
+    """A stochastic-rounding seed per site and round: reproducible, distinct across sites."""
+    digest = hashlib.sha256(f"{federation}/{site}/{rnd}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def encode_update(delta: np.ndarray, spec: CompressionSpec, *, seed: int, kernels: ModuleType,
+                  residual: np.ndarray | None = None) -> Encoded:
+    """Encode float32 `delta` (plus `residual`, when top-k keeps one) as `spec` says."""
+    delta = np.ascontiguousarray(delta, dtype=np.float32)
+    n = delta.size
+    k = kept_count(n, spec)
+    v = delta if residual is None or k == n else (delta + residual).astype(np.float32)
+    parts: list[bytes] = []
+    idx = None
+    values = v
+    if k < n:
+        idx = kernels.topk_indices(v, k)
+        parts.append(np.diff(idx, prepend=0).astype("<u4").tobytes())
+        values = np.ascontiguousarray(v[idx])
+    sent = None
+    if spec.quantize == "int8":
+        q, scales = kernels.quantize_int8(values, spec.block, seed)
+        parts += [scales.astype("<f4").tobytes(), q.tobytes()]
+        if idx is not None:
+            sent = kernels.dequantize_int8(q, scales, spec.block)
+    else:
+        parts.append(values.astype("<f4").tobytes())
+        sent = values if idx is not None else None
+    new_residual = None
+    if idx is not None:
+        new_residual = v.copy()
+        new_residual[idx] -= sent
+    packed = b"".join(parts)
+    body = zstandard.ZstdCompressor(level=spec.zstd_level).compress(packed)
+    meta = {"codec": CODEC_VERSION, "quantize": spec.quantize, "n": n, "k": k,
+            "block": spec.block, "seed": seed}
+    return Encoded(body=body, meta=meta, residual=new_residual, raw_bytes=4 * n)
+
+
+def packed_size(n: int, k: int, quantize: str, block: int) -> int:
+    size = 4 * k if k < n else 0
+    if quantize == "int8":
+        return size + 4 * -(-k // block) + k
+    return size + 4 * k
+
+
+def _fields(meta: dict[str, Any], n: int, spec: CompressionSpec) -> tuple[int, str, int]:
+    """(k, quantize, block) after checking them against the plan's codec and the model."""
+    if meta.get("codec") != CODEC_VERSION:
+        raise ProtocolError("bad_codec", f"version {meta.get('codec')!r}")
+    if meta.get("quantize") != spec.quantize or meta.get("block") != spec.block:
+        raise ProtocolError("bad_codec", "settings differ from the plan's")
+    if meta.get("n") != n:
+        raise ProtocolError("bad_update_size", f"n {meta.get('n')!r}, model has {n}")
+    k = meta.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or k != kept_count(n, spec):
+        raise ProtocolError("bad_codec", f"k {k!r}")
+    return k, spec.quantize, spec.block
+
+
+def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[str, Any],
+                      spec: CompressionSpec, kernels: ModuleType) -> None:
+    """acc += weight * decoded update; ProtocolError (nothing added) on anything malformed."""
+    n = acc.size
+    k, quantize, block = _fields(meta, n, spec)
+    expected = packed_size(n, k, quantize, block)
+    try:
+        packed = zstandard.ZstdDecompressor().decompress(body, max_output_size=expected)
+    except zstandard.ZstdError:
+        raise ProtocolError("bad_update", "not a zstd frame of the expected size") from None
+    if len(packed) != expected:
+        raise ProtocolError("bad_update_size", f"{len(packed)} bytes, expected {expected}")
+    buf = memoryview(packed)
+    idx = None
+    pos = 0
+    if k < n:
+        gaps = np.frombuffer(buf[:4 * k], dtype="<u4").astype(np.int64)
+        idx = np.cumsum(gaps)
+        pos = 4 * k
+        if k and (np.any(gaps[1:] == 0) or idx[-1] >= n):
+            raise ProtocolError("bad_update", "indices not ascending inside the model")
+    if quantize == "int8":
+        nb = -(-k // block)
+        scales = np.frombuffer(buf[pos:pos + 4 * nb], dtype="<f4").astype(np.float32)
+        q = np.frombuffer(buf[pos + 4 * nb:], dtype=np.int8)
+        if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)
+                and np.all(scales <= _MAX_SCALE)):
+            raise ProtocolError("non_finite_update")
+        if idx is None:
+            kernels.dequantize_accumulate(acc, q, scales, block, float(weight))
+        else:
+            kernels.scatter_dequantize_accumulate(acc, idx, q, scales, block, float(weight))
+        return
+    values = np.frombuffer(buf[pos:], dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise ProtocolError("non_finite_update")
+    if idx is None:
+        kernels.weighted_accumulate(acc, values, float(weight))
+    else:
+        acc[idx] += np.float32(weight) * values
