@@ -17,6 +17,7 @@ update: error feedback, so nothing is lost, only delayed.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -94,6 +95,21 @@ def packed_size(n: int, k: int, quantize: str, block: int) -> int:
     return size + 4 * k
 
 
+def _inflate(body: bytes, expected: int) -> bytes:
+    """At most expected + 1 bytes out of one zstd frame. (`decompress(max_output_size=)`
+    trusts a content size written in the frame header: a forged header could make it
+    allocate gigabytes.)"""
+    try:
+        size = zstandard.frame_content_size(body)
+        if size not in (-1, expected):
+            raise ProtocolError("bad_update_size", f"frame declares {size} bytes, "
+                                f"expected {expected}")
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            return reader.read(expected + 1)
+    except zstandard.ZstdError:
+        raise ProtocolError("bad_update", "not a zstd frame") from None
+
+
 def _fields(meta: dict[str, Any], n: int, spec: CompressionSpec) -> tuple[int, str, int]:
     """(k, quantize, block) after checking them against the plan's codec and the model."""
     if meta.get("codec") != CODEC_VERSION:
@@ -114,10 +130,7 @@ def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[st
     n = acc.size
     k, quantize, block = _fields(meta, n, spec)
     expected = packed_size(n, k, quantize, block)
-    try:
-        packed = zstandard.ZstdDecompressor().decompress(body, max_output_size=expected)
-    except zstandard.ZstdError:
-        raise ProtocolError("bad_update", "not a zstd frame of the expected size") from None
+    packed = _inflate(body, expected)
     if len(packed) != expected:
         raise ProtocolError("bad_update_size", f"{len(packed)} bytes, expected {expected}")
     buf = memoryview(packed)
