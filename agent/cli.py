@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.errors import FedsiloError
+from agent.errors import ConfigError, FedsiloError
 
 
 def _process_start() -> float:
@@ -83,6 +83,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo.run import run_demo
 
     run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.ops.bench import format_report, run_bench
+
+    for name in ("parameters", "sites", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError("fedsilo bench", f"--{name}", "must be at least 1")
+    import kernels
+
+    try:
+        kernels.get_backend(args.backend)
+    except ValueError as exc:  # an unknown or unusable backend
+        raise ConfigError("fedsilo bench", "--backend", str(exc)) from None
+    doc = run_bench(n=args.parameters, sites=args.sites, repeats=args.repeats,
+                    backend=args.backend)
+    print(json.dumps(doc) if args.json else format_report(doc))
     return 0
 
 
@@ -222,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--profile", default="auto", help="profile name, or auto (default)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_cmd_hardware_show)
+
+    bench = sub.add_parser("bench", help="measure this host: memory bandwidth and the "
+                                         "codec/aggregation kernels against numpy")
+    bench.add_argument("--parameters", type=int, default=10_000_000,
+                       help="model size in parameters (default 10,000,000)")
+    bench.add_argument("--sites", type=int, default=10, help="updates aggregated (default 10)")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per figure; medians")
+    bench.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, gpu, "
+                                                         "reference")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=_cmd_bench)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")
