@@ -19,9 +19,12 @@ from kernels.cpu_jit import parallel as _parallel
 from kernels.cpu_jit import pjit as _pjit
 from kernels.ref_codec import (
     MAX_CODE,
+    check_accumulate,
     check_block,
     check_codes,
+    check_scatter,
     check_seed,
+    check_topk,
     check_vector,
     n_blocks,
 )
@@ -164,19 +167,14 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray
 def dequantize_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
                           weight: float) -> None:
     """In place acc += weight * (q * scale); parallel over blocks when large."""
-    check_vector("acc", acc, np.float32, writable=True)
-    check_codes(q, scales, block)
-    if acc.shape != q.shape:
-        raise ValueError(f"acc and q differ in shape: {acc.shape} vs {q.shape}")
+    check_accumulate(acc, q, scales, block)
     kernel = _dequantize_accumulate_parallel if _parallel(acc.size) \
         else _dequantize_accumulate_serial
     kernel(acc, q, scales, int(block), np.float32(weight))
 
 
 def topk_indices(v: np.ndarray, k: int) -> np.ndarray:
-    check_vector("v", v, np.float32)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= v.size:
-        raise ValueError(f"k must be an integer in [0, {v.size}], got {k!r}")
+    check_topk(v, k)
     # The k-th largest magnitude by numpy's introselect (C; Numba's np.partition is several
     # times slower), the selection in one compiled pass.
     a = np.abs(v)
@@ -190,11 +188,5 @@ def topk_indices(v: np.ndarray, k: int) -> np.ndarray:
 
 def scatter_dequantize_accumulate(acc: np.ndarray, idx: np.ndarray, q: np.ndarray,
                                   scales: np.ndarray, block: int, weight: float) -> None:
-    check_vector("acc", acc, np.float32, writable=True)
-    check_vector("idx", idx, np.int64)
-    check_codes(q, scales, block)
-    if idx.size != q.size:
-        raise ValueError(f"{idx.size} indices for {q.size} codes")
-    if idx.size and (idx[0] < 0 or idx[-1] >= acc.size or np.any(np.diff(idx) <= 0)):
-        raise ValueError("indices must be ascending, unique and inside the vector")
+    check_scatter(acc, idx, q, scales, block)
     _scatter_accumulate(acc, idx, q, scales, int(block), np.float32(weight))

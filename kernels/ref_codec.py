@@ -60,6 +60,30 @@ def check_codes(q: np.ndarray, scales: np.ndarray, block: int) -> None:
                          f"{n_blocks(q.size, block)} scales, got {scales.size}")
 
 
+def check_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int) -> None:
+    check_vector("acc", acc, np.float32, writable=True)
+    check_codes(q, scales, block)
+    if acc.shape != q.shape:
+        raise ValueError(f"acc and q differ in shape: {acc.shape} vs {q.shape}")
+
+
+def check_scatter(acc: np.ndarray, idx: np.ndarray, q: np.ndarray, scales: np.ndarray,
+                  block: int) -> None:
+    check_vector("acc", acc, np.float32, writable=True)
+    check_vector("idx", idx, np.int64)
+    check_codes(q, scales, block)
+    if idx.size != q.size:
+        raise ValueError(f"{idx.size} indices for {q.size} codes")
+    if idx.size and (idx[0] < 0 or idx[-1] >= acc.size or np.any(np.diff(idx) <= 0)):
+        raise ValueError("indices must be ascending, unique and inside the vector")
+
+
+def check_topk(v: np.ndarray, k: int) -> None:
+    check_vector("v", v, np.float32)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= v.size:
+        raise ValueError(f"k must be an integer in [0, {v.size}], got {k!r}")
+
+
 def uniform(seed: int, index: np.ndarray) -> np.ndarray:
     """u in [0, 1) (float32, multiples of 2**-24) for each element index: splitmix64."""
     with np.errstate(over="ignore"):
@@ -106,18 +130,13 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray
 def dequantize_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
                           weight: float) -> None:
     """In place acc += weight * (q * scale): the coordinator's fused FedAvg step."""
-    check_vector("acc", acc, np.float32, writable=True)
-    check_codes(q, scales, block)
-    if acc.shape != q.shape:
-        raise ValueError(f"acc and q differ in shape: {acc.shape} vs {q.shape}")
+    check_accumulate(acc, q, scales, block)
     acc += np.float32(weight) * dequantize_int8(q, scales, block)
 
 
 def topk_indices(v: np.ndarray, k: int) -> np.ndarray:
     """Ascending int64 indices of the k largest |v| (ties at the threshold: lowest index)."""
-    check_vector("v", v, np.float32)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= v.size:
-        raise ValueError(f"k must be an integer in [0, {v.size}], got {k!r}")
+    check_topk(v, k)
     if not np.all(np.isfinite(v)):
         raise ValueError("update contains NaN or infinity")
     if k == 0:
@@ -133,11 +152,5 @@ def scatter_dequantize_accumulate(acc: np.ndarray, idx: np.ndarray, q: np.ndarra
                                   scales: np.ndarray, block: int, weight: float) -> None:
     """In place acc[idx] += weight * (q * scale) for a sparse (top-k) update; idx ascending
     and unique (as `topk_indices` gives), checked."""
-    check_vector("acc", acc, np.float32, writable=True)
-    check_vector("idx", idx, np.int64)
-    check_codes(q, scales, block)
-    if idx.size != q.size:
-        raise ValueError(f"{idx.size} indices for {q.size} codes")
-    if idx.size and (idx[0] < 0 or idx[-1] >= acc.size or np.any(np.diff(idx) <= 0)):
-        raise ValueError("indices must be ascending, unique and inside the vector")
+    check_scatter(acc, idx, q, scales, block)
     acc[idx] += np.float32(weight) * dequantize_int8(q, scales, block)
