@@ -338,7 +338,9 @@ class Site:
         report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
         self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta})
-        if encoded.residual is not None:  # after sending: a crash before re-sends the same
+        if encoded.residual is not None:
+            # Kept only once the update is out: a crash before this re-answers the round
+            # from the old residual, so nothing is counted twice.
             self._save_residual(encoded.residual)
         report |= {"bytes_up": len(encoded.body), "update_raw_bytes": encoded.raw_bytes}
         self._publish_metrics(m.round, report)
