@@ -35,6 +35,8 @@ test: $(VENV)/.stamp-test system-deps lint warm
 
 bench: $(VENV)/.stamp-test system-deps warm
 	$(PY) benchmarks/bench_federation.py
+	$(PY) benchmarks/bench_compression.py
+	$(VENV)/bin/fedsilo bench
 
 bench-ingest: $(VENV)/.stamp-test warm
 	$(PY) benchmarks/bench_ingest.py --repeats 7
