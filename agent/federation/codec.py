@@ -144,7 +144,8 @@ def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[st
             raise ProtocolError("bad_update", "indices not ascending inside the model")
     if quantize == "int8":
         nb = -(-k // block)
-        scales = np.frombuffer(buf[pos:pos + 4 * nb], dtype="<f4").astype(np.float32)
+        scales = np.frombuffer(buf[pos:pos + 4 * nb], dtype="<f4").astype(np.float32,
+                                                                          copy=False)
         q = np.frombuffer(buf[pos + 4 * nb:], dtype=np.int8)
         if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)
                 and np.all(scales <= _MAX_SCALE)):
@@ -154,7 +155,7 @@ def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[st
         else:
             kernels.scatter_dequantize_accumulate(acc, idx, q, scales, block, float(weight))
         return
-    values = np.frombuffer(buf[pos:], dtype="<f4").astype(np.float32)
+    values = np.frombuffer(buf[pos:], dtype="<f4").astype(np.float32, copy=False)  # a view
     if not np.all(np.isfinite(values)):
         raise ProtocolError("non_finite_update")
     if idx is None:
