@@ -60,28 +60,33 @@ def encode_update(delta: np.ndarray, spec: CompressionSpec, *, seed: int, kernel
     delta = np.ascontiguousarray(delta, dtype=np.float32)
     n = delta.size
     k = kept_count(n, spec)
-    v = delta if residual is None or k == n else (delta + residual).astype(np.float32)
-    parts: list[bytes] = []
-    idx = None
-    values = v
+    packed = bytearray(packed_size(n, k, spec.quantize, spec.block))
+    pos = 0
+
+    def section(dtype: str, count: int) -> np.ndarray:  # a view into `packed`, filled once
+        nonlocal pos
+        view = np.frombuffer(packed, dtype=dtype, count=count, offset=pos)
+        pos += view.nbytes
+        return view
+
+    v, idx, values = delta, None, delta
     if k < n:
+        v = delta + residual if residual is not None else delta.copy()  # becomes the residual
         idx = kernels.topk_indices(v, k)
-        parts.append(np.diff(idx, prepend=0).astype("<u4").tobytes())
+        section("<u4", k)[:] = np.diff(idx, prepend=0)
         values = np.ascontiguousarray(v[idx])
-    sent = None
     if spec.quantize == "int8":
         q, scales = kernels.quantize_int8(values, spec.block, seed)
-        parts += [scales.astype("<f4").tobytes(), q.tobytes()]
-        if idx is not None:
-            sent = kernels.dequantize_int8(q, scales, spec.block)
+        section("<f4", scales.size)[:] = scales
+        section("i1", k)[:] = q
+        sent = kernels.dequantize_int8(q, scales, spec.block) if idx is not None else None
     else:
-        parts.append(values.astype("<f4").tobytes())
-        sent = values if idx is not None else None
+        section("<f4", k)[:] = values
+        sent = values
     new_residual = None
     if idx is not None:
-        new_residual = v.copy()
-        new_residual[idx] -= sent
-    packed = b"".join(parts)
+        v[idx] -= sent  # what was not sent, and the rounding error of what was
+        new_residual = v
     body = zstandard.ZstdCompressor(level=spec.zstd_level).compress(packed)
     meta = {"codec": CODEC_VERSION, "quantize": spec.quantize, "n": n, "k": k,
             "block": spec.block, "seed": seed}
