@@ -261,31 +261,34 @@ class Coordinator:
         self.state = State.STATS
         self._publish_status()
         d, v = len(self.columns), self._image_voxels()
-        parts: list[Moments] = []
-        image_parts: list[Moments] = []
+        # Running sums, merged as each site's moments arrive: memory stays that of one
+        # site's moments (per-voxel ones are megabytes), however many sites there are.
+        pooled: dict[str, Moments] = {}
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             if len(body) != 3 * (d + v) * 8:
                 raise ProtocolError("bad_stats_size", f"{len(body)} bytes")
             vector = np.frombuffer(body, dtype="<f8")
             try:
-                moments = Moments.from_vector(vector[:3 * d])
+                parts = {"columns": Moments.from_vector(vector[:3 * d])}
                 if v:
-                    image_parts.append(Moments.from_vector(vector[3 * d:]))
+                    parts["voxels"] = Moments.from_vector(vector[3 * d:])
             except ValueError as exc:
                 raise ProtocolError("bad_stats", str(exc)) from None
-            parts.append(moments)
-            return {"n": int(moments.count.max(initial=0))}
+            for key, moments in parts.items():
+                pooled[key] = moments if key not in pooled else merge_moments([pooled[key],
+                                                                              moments])
+            return {"n": int(parts["columns"].count.max(initial=0))}
 
         self._broadcast(0, BodyKind.STATS_TASK, b"", {})
-        self._collect(0, BodyKind.STATS, take)
+        outcome = self._collect(0, BodyKind.STATS, take)
         numeric = tuple(i for i, c in enumerate(self.columns) if "=" not in c)
-        self.mean, self.scale = standardizer(merge_moments(parts), numeric)
+        self.mean, self.scale = standardizer(pooled["columns"], numeric)
         if v:
-            self.image_norm = np.concatenate(image_standardizer(merge_moments(image_parts)))
+            self.image_norm = np.concatenate(image_standardizer(pooled["voxels"]))
         self.phase = "train"
         self._save_checkpoint()
-        log.info("federated statistics from %d sites", len(parts))
+        log.info("federated statistics from %d sites", len(outcome.reports))
 
     def _train_round(self, rnd: int) -> None:
         self.state = State.COLLECTING
