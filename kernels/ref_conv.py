@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-_FLOATS = (np.float32, np.float64)
+from kernels.ref_checks import check_float
+
 MAXPOOL_INDEX_DTYPE = np.int8
 
 
 def _check(name: str, a: np.ndarray, ndim: int, dtype: np.dtype | None = None) -> None:
     """Float array of the given rank, C-contiguous, same dtype as its partners."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.type not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    if dtype is not None and a.dtype != dtype:
-        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} like the other inputs")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+    check_float(name, a, ndim, dtype, contiguous=True)
 
 
 def check_conv(x: np.ndarray, w: np.ndarray, b_or_dy: np.ndarray | None = None,

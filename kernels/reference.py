@@ -11,20 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_FLOATS = (np.float32, np.float64)
-
-
-def _check(name: str, a: np.ndarray, ndim: int | None = None,
-           dtype: np.dtype | None = None) -> None:
-    """Reject what the contract excludes, so the oracle cannot silently broadcast or upcast."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.type not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    if dtype is not None and a.dtype != dtype:
-        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} like the other inputs")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+from kernels.ref_checks import check_float as _check
 
 
 def _same_shape(names: str, *arrays: np.ndarray) -> None:
