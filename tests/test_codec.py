@@ -12,6 +12,7 @@ import zstandard
 import kernels
 from agent.config import CompressionSpec
 from agent.errors import ProtocolError
+from agent.federation.aggregate import FedAvgAccumulator, fedavg
 from agent.federation.codec import accumulate_update, encode_update, packed_size
 
 K = kernels.get_backend("reference")
@@ -131,3 +132,25 @@ def test_a_decompression_bomb_is_not_inflated(declared):
         accumulate_update(np.zeros(5000, F32), 1.0, bomb, enc.meta, spec, K)
     # Refused without inflating it: 256 MiB would raise the peak far above what it was.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=["f32", "int8"])
+def test_streamed_fedavg_matches_the_float64_oracle(spec):
+    """Three encoded updates folded into the accumulator as they come give the FedAvg of
+    what was sent (float64 oracle); float32 updates exactly what was produced."""
+    params = delta(4000, seed=9)
+    updates = [delta(4000, seed=s) for s in range(3)]
+    weights = [120.0, 40.0, 300.0]
+    acc = FedAvgAccumulator(params.size, K)
+    sent = []
+    for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
+        enc = encode_update(u, spec, seed=i, kernels=K)
+        acc.add_encoded(enc.body, enc.meta, w, spec)
+        sent.append(decoded(enc, spec, u.size))
+    want = fedavg(params, sent, weights)
+    np.testing.assert_allclose(acc.apply(params), want, rtol=1e-5, atol=1e-7)
+    if spec.quantize == "none":
+        np.testing.assert_allclose(acc.apply(params), fedavg(params, updates, weights),
+                                   rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="weight"):
+        acc.add_encoded(enc.body, enc.meta, 0.0, spec)

@@ -27,16 +27,6 @@ class FedAvgAccumulator:
         self.count = 0
         self._kernels = kernels
 
-    def add(self, update: np.ndarray, weight: float) -> None:
-        if update.shape != self.acc.shape or update.dtype != np.float32:
-            raise ValueError(f"update shape {update.shape}/{update.dtype} does not match "
-                             f"{self.acc.shape}/float32")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"update weight must be positive and finite, got {weight}")
-        self._kernels.weighted_accumulate(self.acc, update, float(weight))
-        self.total_weight += weight
-        self.count += 1
-
     def add_encoded(self, body: bytes, meta: dict[str, Any], weight: float,
                     spec: CompressionSpec) -> None:
         """Decode an update straight into the running sum (no float32 copy of it is made)."""
