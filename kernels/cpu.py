@@ -18,25 +18,12 @@ from kernels.cpu_jit import F32 as _F32
 from kernels.cpu_jit import jit as _jit
 from kernels.cpu_jit import parallel as _parallel
 from kernels.cpu_jit import pjit as _pjit
+from kernels.ref_checks import check_f32 as _f32
 from kernels.reference import _labels, _same_shape
 
 # Below this many multiply-adds (dense) or elements (steps), thread start-up costs more than it
 # saves. Tests set it to 0 to run the parallel loops on small inputs.
 PARALLEL_MIN_WORK = 1 << 16
-
-
-def _f32(name: str, a: np.ndarray, ndim: int | None = None, *, writable: bool = False) -> None:
-    """Fast backends take only float32 C-contiguous arrays: anything else is a caller bug."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != _F32:
-        raise TypeError(f"{name} must be float32, got {a.dtype}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    if writable and not a.flags.writeable:
-        raise ValueError(f"{name} is updated in place but is read-only")
 
 
 # ---------------------------------------------------------------------------- dense layer

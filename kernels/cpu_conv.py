@@ -20,6 +20,7 @@ from kernels.cpu_jit import F32 as _F32
 from kernels.cpu_jit import jit as _jit
 from kernels.cpu_jit import parallel as _parallel
 from kernels.cpu_jit import pjit as _pjit
+from kernels.ref_checks import check_f32
 from kernels.ref_conv import (
     MAXPOOL_INDEX_DTYPE,
     check_conv,
@@ -27,21 +28,6 @@ from kernels.ref_conv import (
     check_pool_input,
     check_x_shape,
 )
-
-
-def _f32(name: str, a: np.ndarray) -> None:
-    """After the shared checks: fast backends take float32 only (the reference also float64)."""
-    if a.dtype != _F32:
-        raise TypeError(f"{name} must be float32, got {a.dtype}")
-
-
-def _f32_nd(name: str, a: np.ndarray, ndim: int) -> None:
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    _f32(name, a)
-    if a.ndim != ndim or not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous {ndim}-D, got shape {a.shape}")
-
 
 # ---------------------------------------------------------------------------- convolution
 
@@ -180,7 +166,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """y[n, f, h, w]: stride 1, zero "same" padding, odd k; samples run in parallel."""
     check_conv(x, w, b)
     for name, a in (("x", x), ("w", w), ("b", b)):
-        _f32(name, a)
+        check_f32(name, a)
     nf, k = w.shape[0], w.shape[2]
     y = np.empty((x.shape[0], nf, *x.shape[2:]), dtype=_F32)
     big = _parallel(y.size * w.shape[1] * k * k)
@@ -197,7 +183,7 @@ def conv2d_backward(x: np.ndarray, w: np.ndarray,
     """
     check_conv(x, w, dy, backward=True)
     for name, a in (("x", x), ("w", w), ("dy", dy)):
-        _f32(name, a)
+        check_f32(name, a)
     nf, k = w.shape[0], w.shape[2]
     w2 = w.reshape(nf, -1)
     dx = np.empty_like(x)
@@ -266,7 +252,7 @@ def _unpool_parallel(g, arg, dx):  # pragma: no cover - compiled
 def maxpool2_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2x2 max-pool, stride 2: (y, argmax int8 0..3 row-major within each window)."""
     check_pool_input(x)
-    _f32("x", x)
+    check_f32("x", x)
     n, c, h, w = x.shape
     y = np.empty((n, c, h // 2, w // 2), dtype=_F32)
     arg = np.empty(y.shape, dtype=MAXPOOL_INDEX_DTYPE)
@@ -278,7 +264,7 @@ def maxpool2_backward(dy: np.ndarray, argmax: np.ndarray,
                       x_shape: tuple[int, ...]) -> np.ndarray:
     """dx[x_shape]: each dy to the cell that won the forward max, zeros elsewhere."""
     shape = check_pool_backward(dy, argmax, x_shape)
-    _f32("dy", dy)
+    check_f32("dy", dy)
     dx = np.empty(shape, dtype=_F32)
     (_unpool_parallel if _parallel(dx.size) else _unpool_serial)(dy, argmax, dx)
     return dx
@@ -328,7 +314,7 @@ def _spread_parallel(g, dx):  # pragma: no cover - compiled
 
 def global_avgpool_forward(x: np.ndarray) -> np.ndarray:
     """y[n, c] = spatial mean of x[n, c], accumulated in float64."""
-    _f32_nd("x", x, 4)
+    check_f32("x", x, 4)
     y = np.empty(x.shape[:2], dtype=_F32)
     (_avg_parallel if _parallel(x.size) else _avg_serial)(x, y)
     return y
@@ -337,7 +323,7 @@ def global_avgpool_forward(x: np.ndarray) -> np.ndarray:
 def global_avgpool_backward(dy: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
     """dx[n, c, h, w] = dy[n, c] / (h * w)."""
     n, c, h, w = check_x_shape(x_shape)
-    _f32_nd("dy", dy, 2)
+    check_f32("dy", dy, 2)
     if dy.shape != (n, c):
         raise ValueError(f"dy{dy.shape} must be {(n, c)} for x_shape {(n, c, h, w)}")
     dx = np.empty((n, c, h, w), dtype=_F32)

@@ -1,5 +1,5 @@
-"""Argument checks shared by the numpy oracle modules (reference, ref_conv), so every
-backend that reuses them rejects the same inputs with the same words."""
+"""Argument checks shared by the numpy oracle modules (reference, ref_conv) and the fast
+backends, so every backend rejects the same inputs with the same words."""
 
 from __future__ import annotations
 
@@ -22,3 +22,20 @@ def check_float(name: str, a: np.ndarray, ndim: int | None = None,
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+
+
+def check_f32(name: str, a: np.ndarray, ndim: int | None = None, *, writable: bool = False,
+              types: tuple[type, ...] = (np.ndarray,)) -> None:
+    """Fast backends take only float32 C-contiguous arrays: anything else is a caller bug.
+    `types` lets the gpu backend accept its device arrays too."""
+    if not isinstance(a, types):
+        kinds = " or ".join(t.__module__.split(".")[0] for t in types)
+        raise TypeError(f"{name} must be a {kinds} array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if writable and not getattr(a.flags, "writeable", True):  # device arrays are always
+        raise ValueError(f"{name} is updated in place but is read-only")

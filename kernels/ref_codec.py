@@ -37,13 +37,15 @@ def check_seed(seed: int, offset: int) -> None:
             raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
 
 
-def check_vector(name: str, a: np.ndarray, dtype: type, *, writable: bool = False) -> None:
-    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 1:
+def check_vector(name: str, a: np.ndarray, dtype: type, *, writable: bool = False,
+                 types: tuple[type, ...] = (np.ndarray,)) -> None:
+    """A 1-D C-contiguous array of `dtype`; `types` lets the gpu backend pass device arrays."""
+    if not isinstance(a, types) or a.dtype != dtype or a.ndim != 1:
         raise TypeError(f"{name} must be a 1-D {np.dtype(dtype).name} array, got "
                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
-    if writable and not a.flags.writeable:
+    if writable and not getattr(a.flags, "writeable", True):  # device arrays are always
         raise ValueError(f"{name} must be writable")
 
 
@@ -51,35 +53,40 @@ def n_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
-def check_codes(q: np.ndarray, scales: np.ndarray, block: int) -> None:
-    check_vector("q", q, np.int8)
-    check_vector("scales", scales, np.float32)
+def check_codes(q: np.ndarray, scales: np.ndarray, block: int,
+                types: tuple[type, ...] = (np.ndarray,)) -> None:
+    check_vector("q", q, np.int8, types=types)
+    check_vector("scales", scales, np.float32, types=types)
     check_block(block)
     if scales.size != n_blocks(q.size, block):
         raise ValueError(f"{q.size} codes in blocks of {block} need "
                          f"{n_blocks(q.size, block)} scales, got {scales.size}")
 
 
-def check_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int) -> None:
-    check_vector("acc", acc, np.float32, writable=True)
-    check_codes(q, scales, block)
+def check_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
+                     types: tuple[type, ...] = (np.ndarray,)) -> None:
+    check_vector("acc", acc, np.float32, writable=True, types=types)
+    check_codes(q, scales, block, types)
     if acc.shape != q.shape:
         raise ValueError(f"acc and q differ in shape: {acc.shape} vs {q.shape}")
 
 
 def check_scatter(acc: np.ndarray, idx: np.ndarray, q: np.ndarray, scales: np.ndarray,
-                  block: int) -> None:
-    check_vector("acc", acc, np.float32, writable=True)
-    check_vector("idx", idx, np.int64)
-    check_codes(q, scales, block)
+                  block: int, types: tuple[type, ...] = (np.ndarray,)) -> None:
+    check_vector("acc", acc, np.float32, writable=True, types=types)
+    check_vector("idx", idx, np.int64, types=types)
+    check_codes(q, scales, block, types)
     if idx.size != q.size:
         raise ValueError(f"{idx.size} indices for {q.size} codes")
-    if idx.size and (idx[0] < 0 or idx[-1] >= acc.size or np.any(np.diff(idx) <= 0)):
+    # bool() of a device array's reduction syncs and reads back one value; numpy dispatches
+    # np.diff / np.any to the array's own module (__array_function__).
+    if idx.size and (bool(idx[0] < 0) or bool(idx[-1] >= acc.size)
+                     or bool(np.any(np.diff(idx) <= 0))):
         raise ValueError("indices must be ascending, unique and inside the vector")
 
 
-def check_topk(v: np.ndarray, k: int) -> None:
-    check_vector("v", v, np.float32)
+def check_topk(v: np.ndarray, k: int, types: tuple[type, ...] = (np.ndarray,)) -> None:
+    check_vector("v", v, np.float32, types=types)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= v.size:
         raise ValueError(f"k must be an integer in [0, {v.size}], got {k!r}")
 

@@ -4,7 +4,8 @@ Measures the host's memory bandwidth with a STREAM-style triad (a = b + s * c, f
 cores), then each kernel's throughput in GB/s of the bytes it must move, as a fraction of that
 bandwidth, beside the plain-numpy way of doing the same work measured in the same run. Medians
 of several runs: these machines are noisy. Hospital IT can run it on a site or coordinator
-host to check it; we use it for the figures in docs/perf.md.
+host to check it; we use it for the figures in docs/perf.md. With `--backend gpu` the same
+figures are taken on the CUDA device (see `run_bench`).
 """
 
 from __future__ import annotations
@@ -48,12 +49,46 @@ class Result:
         return doc
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm: JIT cache, page faults of fresh outputs
+@dataclass(frozen=True)
+class Place:
+    """Where a backend's arrays live and how to wait for work queued on them: host memory
+    for numpy/Numba; device memory for the gpu backend, whose kernels return before they
+    finish, so each timing waits for the device."""
+
+    xp: ModuleType
+    sync: Callable[[], None]
+    on_device: bool = False
+
+    def put(self, a: np.ndarray) -> Any:
+        return self.xp.asarray(a)
+
+    def normal(self, seed: int, n: int, scale: float = 1.0) -> Any:
+        """Seeded float32 normals made where they are used (100 M on the host take seconds)."""
+        if self.on_device:
+            return self.xp.random.RandomState(seed).standard_normal(
+                n, dtype=self.xp.float32) * self.xp.float32(scale)
+        return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+
+
+HOST = Place(np, lambda: None)
+
+
+def place_of(backend: str) -> Place:
+    if backend != "gpu":
+        return HOST
+    import cupy
+
+    return Place(cupy, cupy.cuda.Device().synchronize, on_device=True)
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, place: Place = HOST) -> float:
+    fn()  # warm: JIT cache, kernel compilation, page faults of fresh outputs
+    place.sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        place.sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -63,73 +98,95 @@ def triad_gbps(n: int, repeats: int) -> float:
     return 12 * n / _median_seconds(lambda: _triad(a, b, c, np.float32(3.0)), repeats) / 1e9
 
 
-def _aggregate_int8(k: ModuleType, n: int, sites: int, repeats: int) -> Result:
+def device_copy_gbps(place: Place, n: int, repeats: int) -> float:
+    """The device's copy bandwidth, counting bytes read plus bytes written (the yardstick the
+    GPU targets use); 1 GiB buffers, far beyond any cache."""
+    src = place.xp.ones(n, dtype=place.xp.float32)
+    dst = place.xp.empty_like(src)
+    return 8 * n / _median_seconds(lambda: place.xp.copyto(dst, src), repeats, place) / 1e9
+
+
+def _aggregate_int8(k: ModuleType, place: Place, n: int, sites: int, repeats: int) -> Result:
     """FedAvg over `sites` int8 updates: read codes (1 B) + accumulator (4 B), write it (4 B)
     per parameter and site."""
-    rng = np.random.default_rng(0)
-    updates = [k.quantize_int8((rng.standard_normal(n) * 0.01).astype(np.float32), BLOCK, s)
-               for s in range(sites)]
-    acc = np.zeros(n, dtype=np.float32)
-    weights = [float(w) for w in rng.uniform(50, 500, sites)]
+    xp = place.xp
+    updates = [k.quantize_int8(place.normal(s, n, 0.01), BLOCK, s) for s in range(sites)]
+    acc = xp.zeros(n, dtype=xp.float32)
+    weights = [float(w) for w in np.random.default_rng(0).uniform(50, 500, sites)]
 
     def fused() -> None:
         for (q, s), w in zip(updates, weights, strict=True):
             k.dequantize_accumulate(acc, q, s, BLOCK, w)
 
-    def numpy_way() -> None:
+    def array_way() -> None:
         for (q, s), w in zip(updates, weights, strict=True):
-            update = q.astype(np.float32) * np.repeat(s, BLOCK)[:n]  # dequantize
-            np.add(acc, np.float32(w) * update, out=acc)  # then accumulate
+            update = q.astype(xp.float32) * xp.repeat(s, BLOCK)[:n]  # dequantize
+            xp.add(acc, xp.float32(w) * update, out=acc)  # then accumulate
 
     nbytes = sites * (9 * n + 4 * updates[0][1].size)
-    return Result("aggregate_int8", nbytes / _median_seconds(fused, repeats) / 1e9,
-                  nbytes / _median_seconds(numpy_way, max(1, repeats // 2)) / 1e9)
+    return Result("aggregate_int8", nbytes / _median_seconds(fused, repeats, place) / 1e9,
+                  nbytes / _median_seconds(array_way, max(1, repeats // 2), place) / 1e9)
 
 
-def _quantize_int8(k: ModuleType, n: int, repeats: int) -> Result:
-    x = (np.random.default_rng(1).standard_normal(n) * 0.01).astype(np.float32)
+def _quantize_int8(k: ModuleType, place: Place, n: int, repeats: int) -> Result:
+    host = (np.random.default_rng(1).standard_normal(n) * 0.01).astype(np.float32)
+    x = place.put(host)
     nbytes = 5 * n  # read float32, write int8 (scales are 1/256 of that)
     return Result("quantize_int8",
-                  nbytes / _median_seconds(lambda: k.quantize_int8(x, BLOCK, 7), repeats) / 1e9,
-                  nbytes / _median_seconds(lambda: ref_codec.quantize_int8(x, BLOCK, 7),
+                  nbytes / _median_seconds(lambda: k.quantize_int8(x, BLOCK, 7), repeats,
+                                           place) / 1e9,
+                  nbytes / _median_seconds(lambda: ref_codec.quantize_int8(host, BLOCK, 7),
                                            max(1, repeats // 2)) / 1e9)
 
 
-def _weighted_accumulate(k: ModuleType, n: int, repeats: int) -> Result:
-    x = np.ones(n, dtype=np.float32)
-    acc = np.zeros(n, dtype=np.float32)
+def _weighted_accumulate(k: ModuleType, place: Place, n: int, repeats: int) -> Result:
+    xp = place.xp
+    x = xp.ones(n, dtype=xp.float32)
+    acc = xp.zeros(n, dtype=xp.float32)
 
-    def numpy_way() -> None:
-        acc[:] += np.float32(0.5) * x
+    def array_way() -> None:
+        acc[:] += xp.float32(0.5) * x
 
     nbytes = 12 * n
     return Result("aggregate_float32",
                   nbytes / _median_seconds(lambda: k.weighted_accumulate(acc, x, 0.5),
-                                           repeats) / 1e9,
-                  nbytes / _median_seconds(numpy_way, repeats) / 1e9)
+                                           repeats, place) / 1e9,
+                  nbytes / _median_seconds(array_way, repeats, place) / 1e9)
 
 
-def _topk(k: ModuleType, n: int, repeats: int) -> Result:
-    v = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+def _topk(k: ModuleType, place: Place, n: int, repeats: int) -> Result:
+    host = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    v = place.put(host)
     kk = max(1, n // 100)
     nbytes = 4 * n
     return Result("topk_1pct",
-                  nbytes / _median_seconds(lambda: k.topk_indices(v, kk), repeats) / 1e9,
-                  nbytes / _median_seconds(lambda: ref_codec.topk_indices(v, kk),
+                  nbytes / _median_seconds(lambda: k.topk_indices(v, kk), repeats, place) / 1e9,
+                  nbytes / _median_seconds(lambda: ref_codec.topk_indices(host, kk),
                                            repeats) / 1e9, memory_bound=False)
 
 
 def run_bench(*, n: int = 10_000_000, sites: int = 10, repeats: int = 5,
               backend: str = "auto", progress: TextIO | None = sys.stderr) -> dict[str, Any]:
-    """The JSON document `fedsilo bench --json` prints."""
+    """The JSON document `fedsilo bench --json` prints.
+
+    On the gpu backend the arrays live on the device, the yardstick is the device's copy
+    bandwidth, and the aggregation baselines are the same array expressions run by CuPy on the
+    same device (quantize and top-k baselines stay the numpy oracle on the host)."""
     k = kernels.get_backend(backend)
+    name = k.__name__.split(".")[-1]
+    place = place_of(name)
+    if place.on_device:
+        yardstick = ("memory bandwidth (device copy, 1 GiB)",
+                     lambda: device_copy_gbps(place, 1 << 28, repeats))
+    else:
+        yardstick = ("memory bandwidth (triad)", lambda: triad_gbps(n, repeats))
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("memory bandwidth (triad)", lambda: triad_gbps(n, repeats)),
+        yardstick,
         (f"aggregate_int8 ({sites} sites x {n:,} parameters)",
-         lambda: _aggregate_int8(k, n, sites, repeats)),
-        ("aggregate_float32", lambda: _weighted_accumulate(k, n, repeats)),
-        ("quantize_int8", lambda: _quantize_int8(k, n, repeats)),
-        ("topk_1pct", lambda: _topk(k, n, repeats)),
+         lambda: _aggregate_int8(k, place, n, sites, repeats)),
+        ("aggregate_float32", lambda: _weighted_accumulate(k, place, n, repeats)),
+        ("quantize_int8", lambda: _quantize_int8(k, place, n, repeats)),
+        ("topk_1pct", lambda: _topk(k, place, n, repeats)),
     ]
     out: list[Any] = []
     for i, (label, step) in enumerate(steps, 1):
@@ -138,17 +195,25 @@ def run_bench(*, n: int = 10_000_000, sites: int = 10, repeats: int = 5,
             progress.flush()
         out.append(step())
     bandwidth = out[0]
-    return {"memory_bandwidth_gbps": round(bandwidth, 3), "backend": k.__name__.split(".")[-1],
-            "parameters": n, "sites": sites, "repeats": repeats,
-            "benchmarks": [r.as_dict(bandwidth) for r in out[1:]]}
+    doc = {"memory_bandwidth_gbps": round(bandwidth, 3), "backend": name,
+           "bandwidth_measure": "device copy" if place.on_device else "triad",
+           "parameters": n, "sites": sites, "repeats": repeats,
+           "benchmarks": [r.as_dict(bandwidth) for r in out[1:]]}
+    if place.on_device:
+        doc["device"] = place.xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        doc["baselines"] = ("aggregate_*: the same array expressions in CuPy on the device; "
+                            "quantize_int8, topk_1pct: the numpy oracle on the host")
+    return doc
 
 
 def format_report(doc: dict[str, Any]) -> str:
-    lines = [f"memory bandwidth (STREAM triad, all cores): {doc['memory_bandwidth_gbps']:.1f} GB/s",
-             f"{'kernel':<20}{'GB/s':>8}{'of bandwidth':>14}{'numpy GB/s':>12}{'speedup':>9}"]
+    measure = ("device copy, read + write" if doc.get("bandwidth_measure") == "device copy"
+               else "STREAM triad, all cores")
+    lines = [f"memory bandwidth ({measure}): {doc['memory_bandwidth_gbps']:.1f} GB/s",
+             f"{'kernel':<20}{'GB/s':>8}{'of bandwidth':>14}{'baseline GB/s':>15}{'speedup':>9}"]
     for b in doc["benchmarks"]:
         frac = b.get("fraction_of_bandwidth")
         lines.append(f"{b['name']:<20}{b['value']:8.2f}"
                      f"{'' if frac is None else f'{100 * frac:.0f} %':>14}"
-                     f"{b['baseline']:12.2f}{b['speedup']:8.1f}x")
+                     f"{b['baseline']:15.2f}{b['speedup']:8.1f}x")
     return "\n".join(lines)
