@@ -35,7 +35,6 @@ from kernels.ref_conv import (
     check_x_shape,
 )
 
-_F32 = np.float32
 # The four cells of a 2x2 window in row-major order: (row offset, column offset).
 _CELLS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
