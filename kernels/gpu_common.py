@@ -31,8 +31,9 @@ def on_device(a: Any) -> bool:
 
 
 def to_device(a: Any) -> Any:
-    """The device array for `a` (no copy when it already is one)."""
-    return cp.ascontiguousarray(a)
+    """The device array for `a`: a host array is copied over (C order kept); a C-contiguous
+    device array is returned as is, so kernels update it in place."""
+    return cp.ascontiguousarray(cp.asarray(a))
 
 
 def like(result: Any, template: Any) -> Any:
