@@ -13,7 +13,7 @@ import kernels
 from agent.config import CompressionSpec
 from agent.errors import ProtocolError
 from agent.federation.aggregate import FedAvgAccumulator, fedavg
-from agent.federation.codec import accumulate_update, encode_update, packed_size
+from agent.federation.codec import UpdateStream, accumulate_update, encode_update, packed_size
 
 K = kernels.get_backend("reference")
 F32 = np.float32
@@ -73,40 +73,131 @@ def test_error_feedback_carries_the_residual_into_the_next_update():
     np.testing.assert_allclose(total_sent + residual, total, atol=1e-5)
 
 
-def _forged(enc, **meta):
-    return enc.body, enc.meta | meta
+def frames_of(body: bytes) -> list[bytes]:
+    """The zstd frames of a body (each is a uint32 length, then the frame)."""
+    out, pos = [], 0
+    while pos < len(body):
+        length = int.from_bytes(body[pos:pos + 4], "little")
+        out.append(body[pos + 4:pos + 4 + length])
+        pos += 4 + length
+    return out
+
+
+def body_of(frames: list[bytes]) -> bytes:
+    return b"".join(len(f).to_bytes(4, "little") + f for f in frames)
+
+
+def packed_frames(enc) -> list[bytearray]:
+    return [bytearray(zstandard.ZstdDecompressor().decompress(f)) for f in frames_of(enc.body)]
+
+
+def repacked(packed: list[bytearray]) -> bytes:
+    return body_of([zstandard.ZstdCompressor().compress(bytes(p)) for p in packed])
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["f32", "int8", "top10", "int8-top5"])
 def test_forged_bodies_are_refused_before_touching_the_sum(spec):
-    d = delta()
+    d = delta()  # one frame: a refusal anywhere leaves the sum untouched
     enc = encode_update(d, spec, seed=3, kernels=K, residual=np.zeros_like(d))
-    n = d.size
-    expected = packed_size(n, enc.meta["k"], spec.quantize, spec.block)
+    n, k = d.size, enc.meta["k"]
+    expected = packed_size(k, k < n, spec.quantize, spec.block)
+    z = zstandard.ZstdCompressor()
     cases = [
         (enc.body, enc.meta | {"n": n + 1}),  # another model size
-        (enc.body, enc.meta | {"k": enc.meta["k"] - 1}),  # not the plan's k
+        (enc.body, enc.meta | {"k": k - 1}),  # not the plan's k
         (enc.body, enc.meta | {"quantize": "int8" if spec.quantize == "none" else "none"}),
-        (enc.body, enc.meta | {"codec": 2}),
+        (enc.body, enc.meta | {"codec": 1}),
+        (enc.body, enc.meta | {"frame": 1000}),
         (enc.body[:-3], enc.meta),  # cut short
+        (enc.body + b"\0\0\0\0", enc.meta),  # bytes after the last frame
         (b"garbage" * 10, enc.meta),
-        (zstandard.ZstdCompressor().compress(b"\0" * (expected + 1)), enc.meta),  # too big
-        (zstandard.ZstdCompressor().compress(b"\0" * (expected - 1)), enc.meta),  # too small
+        (body_of([b"\x28\xb5\x2f\xfd" + b"\0" * 40]), enc.meta),  # a broken zstd frame
+        (body_of([z.compress(b"\0" * (expected + 1))]), enc.meta),  # too big
+        (body_of([z.compress(b"\0" * (expected - 1))]), enc.meta),  # too small
     ]
     if spec.quantize == "int8":  # a NaN scale
-        packed = bytearray(zstandard.ZstdDecompressor().decompress(enc.body))
-        at = 4 * enc.meta["k"] if enc.meta["k"] < n else 0
-        packed[at:at + 4] = np.array([np.nan], "<f4").tobytes()
-        cases.append((zstandard.ZstdCompressor().compress(bytes(packed)), enc.meta))
-    if enc.meta["k"] < n:  # an index beyond the model
-        packed = bytearray(zstandard.ZstdDecompressor().decompress(enc.body))
-        packed[0:4] = np.array([n + 5], "<u4").tobytes()
-        cases.append((zstandard.ZstdCompressor().compress(bytes(packed)), enc.meta))
+        packed = packed_frames(enc)
+        at = 4 * k if k < n else 0
+        packed[0][at:at + 4] = np.array([np.nan], "<f4").tobytes()
+        cases.append((repacked(packed), enc.meta))
+    if k < n:  # an index beyond the model, then one repeated
+        packed = packed_frames(enc)
+        packed[0][0:4] = np.array([n + 5], "<u4").tobytes()
+        cases.append((repacked(packed), enc.meta))
+        packed = packed_frames(enc)
+        packed[0][4:8] = np.array([0], "<u4").tobytes()
+        cases.append((repacked(packed), enc.meta))
     for body, meta in cases:
         acc = np.ones(n, F32)
         with pytest.raises(ProtocolError):
             accumulate_update(acc, 1.0, body, meta, spec, K)
         assert np.all(acc == 1.0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["f32", "int8", "top10", "int8-top5"])
+def test_a_body_fed_in_any_pieces_decodes_like_the_whole(spec):
+    d = delta(300_000 if spec.topk_fraction == 1 else 1_500_000, seed=5)  # >= 2 frames
+    enc = encode_update(d, spec, seed=4, kernels=K, residual=np.zeros_like(d))
+    whole = decoded(enc, spec, d.size)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        acc = np.zeros(d.size, F32)
+        stream = UpdateStream(acc, 1.0, enc.meta, spec, K)
+        cuts = np.sort(rng.integers(0, len(enc.body), 40))
+        for a, b in zip([0, *cuts], [*cuts, len(enc.body)], strict=True):
+            stream.feed(enc.body[a:b])
+            assert stream.watermark <= d.size and (stream.watermark == d.size) == stream.complete
+        stream.finish()
+        assert np.array_equal(acc, whole)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["f32", "int8", "top10", "int8-top5"])
+def test_an_update_cut_off_adds_whole_frames_up_to_its_watermark(spec):
+    d = delta(300_000 if spec.topk_fraction == 1 else 1_500_000, seed=6)  # >= 2 frames
+    enc = encode_update(d, spec, seed=4, kernels=K, residual=np.zeros_like(d))
+    whole = decoded(enc, spec, d.size)
+    frames = frames_of(enc.body)
+    assert len(frames) >= 2
+    cut = len(body_of(frames[:-1])) + 10  # into the last frame
+    acc = np.zeros(d.size, F32)
+    stream = UpdateStream(acc, 1.0, enc.meta, spec, K)
+    stream.feed(enc.body[:cut])
+    with pytest.raises(ProtocolError, match="bad_update_size"):
+        stream.finish()
+    w = stream.watermark
+    assert 0 < w < d.size
+    assert np.array_equal(acc[:w], whole[:w])  # everything below the watermark arrived
+    assert whole[w:].any() and not acc[w:].any()  # nothing of the cut frame was added
+    with pytest.raises(ProtocolError):
+        stream.feed(enc.body[cut:])  # a failed stream takes nothing more
+
+
+def test_a_cut_off_update_counts_only_where_it_arrived():
+    """FedAvg per parameter over the updates that reached it: the float64 oracle below the
+    cut-off update's watermark with all three, above it with the two complete ones."""
+    spec = SPECS[0]
+    params = delta(200_000, seed=9)
+    updates = [delta(200_000, seed=s) for s in range(3)]
+    weights = [120.0, 40.0, 300.0]
+    acc = FedAvgAccumulator(params.size, K)
+    for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
+        enc = encode_update(u, spec, seed=i, kernels=K)
+        stream = acc.open_update(enc.meta, w, spec, label=f"site-{i}")
+        body = enc.body if i != 1 else enc.body[:len(body_of(frames_of(enc.body)[:2]))]
+        stream.feed(body)
+        if i != 1:
+            stream.finish()
+    cut = acc.streams[1][1].watermark
+    assert cut == 2 * 65_536 and acc.partial() == {"site-1": cut / params.size}
+    assert acc.count == 2 and acc.total_weight == 420.0
+    got = acc.apply(params)
+    np.testing.assert_allclose(got[:cut], fedavg(params[:cut], [u[:cut] for u in updates],
+                                                 weights), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[cut:], fedavg(params[cut:], [updates[0][cut:],
+                                                                updates[2][cut:]],
+                                                 [weights[0], weights[2]]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ProtocolError, match="round_closed"):
+        acc.streams[1][1].feed(enc.body)
 
 
 def _bomb(declared: bool, size: int = 256 << 20) -> bytes:
@@ -123,13 +214,14 @@ def _bomb(declared: bool, size: int = 256 << 20) -> bytes:
 @pytest.mark.parametrize("declared", [True, False])
 def test_a_decompression_bomb_is_not_inflated(declared):
     spec = SPECS[1]
-    enc = encode_update(delta(), spec, seed=0, kernels=K)
+    n = 65_536  # one frame of 66,560 packed bytes: room for a bomb under zstd's bound
+    enc = encode_update(delta(n), spec, seed=0, kernels=K)
     bomb = _bomb(declared)
     assert len(bomb) < 64 << 10
     assert zstandard.frame_content_size(bomb) == (256 << 20 if declared else -1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     with pytest.raises(ProtocolError, match="bad_update_size"):
-        accumulate_update(np.zeros(5000, F32), 1.0, bomb, enc.meta, spec, K)
+        accumulate_update(np.zeros(n, F32), 1.0, body_of([bomb]), enc.meta, spec, K)
     # Refused without inflating it: 256 MiB would raise the peak far above what it was.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from agent.learn.standardize import (
     Moments,
+    MomentsStream,
     apply_standardization,
     local_moments,
     merge_moments,
@@ -171,3 +172,42 @@ def test_image_standardizer_matches_pooled_voxel_statistics_with_a_floor():
     assert np.allclose(mean, flat.mean(0), rtol=1e-6)
     assert np.allclose(scale[1:], np.maximum(flat.std(0)[1:], IMAGE_SCALE_FLOOR), rtol=1e-5)
     assert scale[0] == pytest.approx(IMAGE_SCALE_FLOOR)
+
+
+def test_moments_streamed_in_any_pieces_sum_like_merge():
+    rng = np.random.default_rng(11)
+    parts = [local_moments(make_data(rng, n)) for n in (120, 40, 300)]
+    pooled = np.zeros(3 * parts[0].width)
+    for p in parts:
+        body = p.to_vector().astype("<f8").tobytes()
+        stream = MomentsStream(pooled, columns=parts[0].width)
+        cuts = sorted(rng.integers(0, len(body), 7))
+        for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True):
+            stream.feed(body[a:b])
+        stream.finish()
+        assert stream.largest_count == p.count.max()
+    want = merge_moments(parts)
+    got = Moments.from_vector(pooled)
+    for name in ("count", "total", "total_sq"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
+
+
+def test_a_cut_or_bad_moments_stream_adds_whole_clean_columns_only():
+    m = local_moments(make_data(np.random.default_rng(12)))
+    body = m.to_vector().astype("<f8").tobytes()
+    pooled = np.zeros(3 * m.width)
+    stream = MomentsStream(pooled, columns=m.width)
+    stream.feed(body[:24 * 2 + 10])  # two whole columns and a piece of the third
+    with pytest.raises(ValueError, match="ended after 2 of 5"):
+        stream.finish()
+    np.testing.assert_array_equal(pooled[:6], m.to_vector()[:6])
+    assert not pooled[6:].any()
+    bad = m.to_vector()
+    bad[3 * 3] = -1.0  # column 3's count
+    pooled[:] = 0
+    stream = MomentsStream(pooled, columns=m.width)
+    with pytest.raises(ValueError, match="negative counts"):
+        stream.feed(bad.astype("<f8").tobytes())
+    assert not pooled.any()  # refused before any column of that piece was added
+    with pytest.raises(ValueError, match="longer"):
+        MomentsStream(np.zeros(3), columns=1).feed(bytes(48))

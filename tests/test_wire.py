@@ -152,6 +152,94 @@ def test_reassembly_bounds_pending_and_orphans():
         r.add_chunk(replace(ref, index=1), bytes(80), now=0.0)
 
 
+class Collect:
+    """A sink that keeps what it is fed (and can refuse at a given byte count)."""
+
+    def __init__(self, refuse_after: int | None = None) -> None:
+        self.data = bytearray()
+        self.finished = False
+        self.refuse_after = refuse_after
+
+    def feed(self, data: bytes) -> None:
+        if self.refuse_after is not None and len(self.data) + len(data) > self.refuse_after:
+            raise ProtocolError("bad_update", "refused by the sink")
+        self.data += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_streamed_body_reaches_the_sink_in_order_whatever_the_arrival_order():
+    body = os.urandom(9500)
+    m = manifest_for(body)
+    parts = chunks_of(m, body)
+    r = Reassembler()
+    sink = Collect()
+    shuffled = parts + parts[:2]
+    random.Random(2).shuffle(shuffled)
+    assert r.add_chunk(*shuffled[0], now=0.0) is None  # early: parked until the manifest
+    done = r.add_manifest(m, 0.0, sink)
+    fed = []
+    for p in shuffled[1:]:
+        done = r.add_chunk(*p, now=0.0) or done
+        fed.append(len(sink.data))
+    now = 0.0
+    while done is None:  # chunks too far ahead were dropped: the sender is asked again
+        now += 3.0
+        for _, missing in r.due_requests(now=now, after_s=2.0):
+            for i in missing:
+                done = r.add_chunk(*parts[i], now=now) or done
+                fed.append(len(sink.data))
+    assert done.body == b"" and sink.finished
+    assert bytes(sink.data) == body
+    assert fed == sorted(fed)  # only ever appended, never rewound
+    assert r.add_chunk(*parts[3], now=1.0) is None and r.pending_count() == 0
+
+
+def test_streaming_keeps_few_chunks_ahead_and_asks_again_for_the_rest():
+    body = os.urandom(10_000)
+    m = manifest_for(body)
+    parts = chunks_of(m, body)  # 10 chunks
+    r = Reassembler(max_ahead_bytes=3000)
+    sink = Collect()
+    r.add_manifest(m, 0.0, sink)
+    for p in parts[1:]:  # chunk 0 is late: only 3 of the 9 others fit the ahead budget
+        r.add_chunk(*p, now=0.0)
+    assert sink.data == b""
+    due = r.due_requests(now=5.0, after_s=2.0)
+    assert due[0][1] == [0, 4, 5, 6, 7, 8, 9]
+    done = r.add_chunk(*parts[0], now=5.0)  # fills the gap: 0..3 go to the sink
+    assert done is None and bytes(sink.data) == body[:4000]
+    for p in parts[4:]:  # the resent ones
+        done = r.add_chunk(*p, now=6.0) or done
+    assert done is not None and bytes(sink.data) == body
+
+
+def test_a_sink_refusal_ends_the_body_and_a_bad_digest_is_caught():
+    body = os.urandom(5000)
+    m = manifest_for(body)
+    parts = chunks_of(m, body)
+    r = Reassembler()
+    r.add_manifest(m, 0.0, Collect(refuse_after=2500))
+    r.add_chunk(*parts[0], now=0.0)
+    r.add_chunk(*parts[1], now=0.0)
+    with pytest.raises(ProtocolError, match="refused by the sink"):
+        r.add_chunk(*parts[2], now=0.0)
+    assert r.pending_count() == 0 and r.add_chunk(*parts[3], now=0.0) is None
+    # A manifest whose chunk digests hold but whose body digest does not (a forged manifest)
+    forged = replace(manifest_for(body, rnd=4), body_digest="0" * 64)
+    sink = Collect()
+    r.add_manifest(forged, 0.0, sink)
+    with pytest.raises(ProtocolError, match="body_digest_mismatch"):
+        for ref, data in chunks_of(forged, body):
+            r.add_chunk(ref, data, now=0.0)
+    assert not sink.finished and r.pending_count() == 0
+    # A refused manifest's chunks are ignored, not parked.
+    other = manifest_for(body, rnd=5)
+    r.refuse(other)
+    assert r.known(other) and r.add_chunk(*chunks_of(other, body)[0], now=0.0) is None
+
+
 def test_empty_body_completes_on_manifest():
     m = manifest_for(b"")
     done = Reassembler().add_manifest(m, 0.0)

@@ -1,8 +1,8 @@
 """FedAvg as pure functions over flat vectors: updates in, new parameters out.
 
-The coordinator streams: each update is folded into one accumulator as it arrives, so memory
-grows with the model, never with sites x model. Weights are validated before any math (total
-weight must be positive and finite).
+The coordinator streams: each update is folded into one accumulator frame by frame as its
+chunks arrive, so memory grows with the model, never with sites x model. Weights are validated
+before any math (total weight must be positive and finite).
 """
 
 from __future__ import annotations
@@ -15,32 +15,82 @@ from typing import Any
 import numpy as np
 
 from agent.config import CompressionSpec
-from agent.federation.codec import accumulate_update
+from agent.errors import ProtocolError
+from agent.federation.codec import UpdateStream
 
 
 class FedAvgAccumulator:
-    """Sample-weighted running sum of update vectors (local minus global parameters)."""
+    """Sample-weighted running sum of update vectors (local minus global parameters).
+
+    Updates arrive as `UpdateStream`s that add frame by frame. One that stops part way (the
+    site went quiet, or a later frame was refused) has added whole frames only, up to its
+    watermark; since those values cannot be taken back, the mean is taken per parameter over
+    the updates that reached it: below every watermark all updates count, above a cut-off one
+    it does not. With every update complete this is plain FedAvg. On the gpu backend the sum
+    lives on the device and only the new parameters come back.
+    """
 
     def __init__(self, size: int, kernels: ModuleType) -> None:
-        self.acc = np.zeros(size, dtype=np.float32)
-        self.total_weight = 0.0
-        self.count = 0
         self._kernels = kernels
+        self._gpu = kernels.__name__ == "kernels.gpu"
+        if self._gpu:
+            import cupy
 
-    def add_encoded(self, body: bytes, meta: dict[str, Any], weight: float,
-                    spec: CompressionSpec) -> None:
-        """Decode an update straight into the running sum (no float32 copy of it is made)."""
+            self.acc = cupy.zeros(size, dtype=cupy.float32)
+        else:
+            self.acc = np.zeros(size, dtype=np.float32)
+        self.streams: list[tuple[str, UpdateStream]] = []
+        self.closed = False
+
+    @property
+    def total_weight(self) -> float:
+        """Weight of the updates that arrived whole and well formed."""
+        return sum(s.weight for _, s in self.streams if s.accepted)
+
+    @property
+    def count(self) -> int:
+        return sum(1 for _, s in self.streams if s.accepted)
+
+    def partial(self) -> dict[str, float]:
+        """Updates that added part of themselves: site -> share of parameters settled."""
+        return {label: s.watermark / s.n for label, s in self.streams
+                if not s.accepted and s.watermark > 0}
+
+    def open_update(self, meta: dict[str, Any], weight: float, spec: CompressionSpec,
+                    label: str = "", body_len: int | None = None) -> UpdateStream:
+        """A stream that decodes one update into the sum as its body arrives."""
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"update weight must be positive and finite, got {weight}")
-        accumulate_update(self.acc, weight, body, meta, spec, self._kernels)
-        self.total_weight += weight
-        self.count += 1
+        if self.closed:
+            raise ProtocolError("round_closed")
+        stream = UpdateStream(self.acc, weight, meta, spec, self._kernels, body_len)
+        self.streams.append((label, stream))
+        return stream
+
+    def add_encoded(self, body: bytes, meta: dict[str, Any], weight: float,
+                    spec: CompressionSpec, label: str = "") -> None:
+        """Decode a whole update into the running sum (no float32 copy of it is made)."""
+        stream = self.open_update(meta, weight, spec, label, len(body))
+        stream.feed(body)
+        stream.finish()
 
     def apply(self, params: np.ndarray) -> np.ndarray:
-        """New global parameters = old + weighted mean update."""
-        if self.count == 0 or not (self.total_weight > 0 and math.isfinite(self.total_weight)):
+        """New global parameters = old + weighted mean update (per parameter over the updates
+        that reached it); closes the sum to further frames."""
+        self.closed = True
+        for _, s in self.streams:
+            s.failed = s.failed or ProtocolError("round_closed")
+        reached = [(s.watermark, s.weight) for _, s in self.streams if s.watermark > 0]
+        if not reached:
             raise ValueError("no updates to aggregate")
-        return (params + self.acc / np.float32(self.total_weight)).astype(np.float32)
+        acc = self.acc.get() if self._gpu else self.acc
+        out = params.astype(np.float32, copy=True)
+        lo = 0
+        for hi in sorted({m for m, _ in reached}):
+            total = sum(w for m, w in reached if m >= hi)  # arrival order, as FedAvg sums
+            out[lo:hi] += acc[lo:hi] / np.float32(total)
+            lo = hi
+        return out
 
 
 def fedavg(params: np.ndarray, updates: Sequence[np.ndarray], weights: Sequence[float]

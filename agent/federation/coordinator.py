@@ -29,13 +29,15 @@ from agent.config import CoordinatorConfig, Plan, plan_to_toml_dict
 from agent.errors import FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.aggregate import FedAvgAccumulator
+from agent.federation.codec import UpdateStream
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
 from agent.federation.peer import BodyReady, Peer, StatusSeen
+from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
 from agent.learn.layout import Layout, build_layout, init_params
 from agent.learn.modelfile import SavedModel, save_model
-from agent.learn.standardize import Moments, image_standardizer, merge_moments, standardizer
+from agent.learn.standardize import Moments, MomentsStream, image_standardizer, standardizer
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
 from agent.ops.status import State, encode_status, offline_status, status_document
 
@@ -261,31 +263,39 @@ class Coordinator:
         self.state = State.STATS
         self._publish_status()
         d, v = len(self.columns), self._image_voxels()
-        # Running sums, merged as each site's moments arrive: memory stays that of one
-        # site's moments (per-voxel ones are megabytes), however many sites there are.
-        pooled: dict[str, Moments] = {}
+        # One pooled vector that each site's moments are summed into as their chunks arrive:
+        # memory stays that of one vector (per-voxel moments are megabytes), however many
+        # sites send at once.
+        pooled = np.zeros(3 * (d + v), dtype=np.float64)
+        streams: dict[str, _MomentsSink] = {}
+
+        def open_stream(topic: Topic, m: Manifest) -> _MomentsSink | None:
+            if m.body_kind is not BodyKind.STATS or m.round != 0 \
+                    or m.meta.get("run") != self.run_id:
+                return None
+            if topic.sender in streams:
+                raise ProtocolError("duplicate_update", topic.sender)
+            if m.body_len != pooled.size * 8:
+                raise ProtocolError("bad_stats_size", f"{m.body_len} bytes")
+            streams[topic.sender] = _MomentsSink(MomentsStream(pooled, d))
+            return streams[topic.sender]
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
-            if len(body) != 3 * (d + v) * 8:
-                raise ProtocolError("bad_stats_size", f"{len(body)} bytes")
-            vector = np.frombuffer(body, dtype="<f8")
-            try:
-                parts = {"columns": Moments.from_vector(vector[:3 * d])}
-                if v:
-                    parts["voxels"] = Moments.from_vector(vector[3 * d:])
-            except ValueError as exc:
-                raise ProtocolError("bad_stats", str(exc)) from None
-            for key, moments in parts.items():
-                pooled[key] = moments if key not in pooled else merge_moments([pooled[key],
-                                                                              moments])
-            return {"n": int(parts["columns"].count.max(initial=0))}
+            if site not in streams or body:
+                raise ProtocolError("not_streamed", site)
+            return {"n": int(streams[site].stream.largest_count)}
 
-        self._broadcast(0, BodyKind.STATS_TASK, b"", {})
-        outcome = self._collect(0, BodyKind.STATS, take)
+        self.peer.open_stream = open_stream
+        try:
+            self._broadcast(0, BodyKind.STATS_TASK, b"", {})
+            outcome = self._collect(0, BodyKind.STATS, take)
+        finally:
+            self.peer.open_stream = None
         numeric = tuple(i for i, c in enumerate(self.columns) if "=" not in c)
-        self.mean, self.scale = standardizer(pooled["columns"], numeric)
+        self.mean, self.scale = standardizer(Moments.from_vector(pooled[:3 * d]), numeric)
         if v:
-            self.image_norm = np.concatenate(image_standardizer(pooled["voxels"]))
+            self.image_norm = np.concatenate(image_standardizer(
+                Moments.from_vector(pooled[3 * d:])))
         self.phase = "train"
         self._save_checkpoint()
         log.info("federated statistics from %d sites", len(outcome.reports))
@@ -294,19 +304,40 @@ class Coordinator:
         self.state = State.COLLECTING
         self._publish_status()
         acc = FedAvgAccumulator(self.layout.size, self.kernels)
-        t_open = time.monotonic()
-        sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(), self._task_meta())
+        opened: set[str] = set()
 
-        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+        def open_stream(topic: Topic, m: Manifest) -> UpdateStream | None:
+            """Each site's update goes into the sum frame by frame as its chunks arrive; what
+            is not this round's update is left to be received whole and refused by _take."""
+            if m.body_kind is not BodyKind.UPDATE or m.round != rnd \
+                    or m.meta.get("run") != self.run_id:
+                return None
+            site = topic.sender
+            if site in opened:
+                raise ProtocolError("duplicate_update", site)
             report = _validated_report(m.meta)
             codec = m.meta.get("update")
             if not isinstance(codec, dict):
                 raise ProtocolError("bad_field", "update")
-            acc.add_encoded(body, codec, float(report["n_samples"]), self.plan.compression)
-            report["bytes_received"] = len(body)
+            stream = acc.open_update(codec, float(report["n_samples"]), self.plan.compression,
+                                     label=site, body_len=m.body_len)
+            opened.add(site)
+            return stream
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            if site not in opened or body:
+                raise ProtocolError("not_streamed", site)  # cannot happen: open_stream took it
+            report = _validated_report(m.meta)
+            report["bytes_received"] = m.body_len
             return report
 
-        outcome = self._collect(rnd, BodyKind.UPDATE, take)
+        self.peer.open_stream = open_stream
+        try:
+            t_open = time.monotonic()
+            sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(), self._task_meta())
+            outcome = self._collect(rnd, BodyKind.UPDATE, take)
+        finally:
+            self.peer.open_stream = None
         self.state = State.AGGREGATING
         self.params = acc.apply(self.params)
         wall = time.monotonic() - t_open
@@ -327,6 +358,8 @@ class Coordinator:
             "overhead_s": wall - slowest,
             "bytes_sent": sent,
             "bytes_received": sum(r["bytes_received"] for r in outcome.reports.values()),
+            # sites whose update stopped part way: share of the parameters it reached
+            "partial": acc.partial(),
         }
         self.history.append(record)
         self._save_checkpoint()
@@ -415,6 +448,25 @@ class Coordinator:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _MomentsSink:
+    """A site's streamed moments; a malformed vector is a protocol error (named as such)."""
+
+    def __init__(self, stream: MomentsStream) -> None:
+        self.stream = stream
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+        except ValueError as exc:
+            raise ProtocolError("bad_stats", str(exc)) from None
+
+    def finish(self) -> None:
+        try:
+            self.stream.finish()
+        except ValueError as exc:
+            raise ProtocolError("bad_stats", str(exc)) from None
 
 
 def _validated_report(meta: dict[str, Any], *, train: bool = True) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 from agent.errors import BrokerError, ProtocolError
 from agent.federation import envelope, topics
 from agent.federation.envelope import Manifest, MessageKind
-from agent.federation.reassembly import Reassembler
+from agent.federation.reassembly import Reassembler, Sink
 from agent.federation.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ PUBLISH_TIMEOUT_S = 60.0
 class BodyReady:
     topic: topics.Topic
     manifest: Manifest
-    body: bytes
+    body: bytes  # empty when the body was streamed (Peer.open_stream)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Peer:
         self.max_body = max_body
         self.accept = accept
         self.reassembler = Reassembler()
+        # The role may stream some bodies instead of receiving them whole: called once per
+        # new manifest, it returns a Sink (or None to buffer); a ProtocolError refuses the body.
+        self.open_stream: Callable[[topics.Topic, Manifest], Sink | None] | None = None
         self.rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -170,7 +173,14 @@ class Peer:
             manifest = envelope.parse_manifest(header, max_body=self.max_body)
             if topic.round is not None and manifest.round != topic.round:
                 raise ProtocolError("round_topic_mismatch")
-            done = self.reassembler.add_manifest(manifest, now)
+            sink = None
+            if self.open_stream is not None and not self.reassembler.known(manifest):
+                try:
+                    sink = self.open_stream(topic, manifest)
+                except ProtocolError:
+                    self.reassembler.refuse(manifest)
+                    raise
+            done = self.reassembler.add_manifest(manifest, now, sink)
         else:
             if topic.kind != "chunk":
                 raise ProtocolError("kind_topic_mismatch")

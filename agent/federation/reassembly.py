@@ -5,41 +5,68 @@ rules of PROTOCOL.md "Receiving" are unit-tested without a broker. MQTT's QoS 1 
 chunk twice, before its manifest, or not at all (a queue overflowed, the subscriber joined
 late); the reassembler absorbs duplicates, parks early chunks within a byte budget, and lists
 missing chunks so the role can ask the sender again instead of trusting broker queues.
+
+A body is either buffered whole (the default) or streamed: given a `Sink` with its manifest,
+the reassembler hands each digest-checked chunk to the sink in order as soon as it can, keeps
+only the few chunks that arrived ahead of a gap (within a byte budget shared by all bodies;
+beyond it a chunk is dropped and asked for again), and checks the body digest incrementally.
+The coordinator streams model updates this way, so its memory does not grow with the number
+of sites uploading at once. A sink that refuses its bytes ends the body: later chunks of it are
+ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from agent.errors import ProtocolError
 from agent.federation.envelope import ChunkRef, Manifest, sha256_hex
 
 Key = tuple[str, int, str, str]  # (sender, round, body_digest, manifest nonce)
 
+MAX_AHEAD_CHUNKS = 4  # per streamed body: chunks kept while an earlier one is missing
+
+
+class Sink(Protocol):
+    """Takes a streamed body's bytes in order; raises ProtocolError to refuse them."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
 
 @dataclass
 class _Pending:
     manifest: Manifest
-    buffer: bytearray
+    buffer: bytearray | None  # None when streamed
     have: set[int] = field(default_factory=set)
     last_progress: float = 0.0
     last_request: float = 0.0
+    sink: Sink | None = None
+    next_index: int = 0  # streamed: chunks before it went to the sink
+    ahead: dict[int, bytes] = field(default_factory=dict)
+    hasher: Any = None
 
 
 @dataclass(frozen=True)
 class Completed:
     manifest: Manifest
-    body: bytes | bytearray
+    body: bytes | bytearray  # empty when the body was streamed to a sink
 
 
 class Reassembler:
-    def __init__(self, *, max_pending: int = 64, max_orphan_bytes: int = 64 << 20) -> None:
+    def __init__(self, *, max_pending: int = 64, max_orphan_bytes: int = 64 << 20,
+                 max_ahead_bytes: int = 16 << 20) -> None:
         self.max_pending = max_pending
         self.max_orphan_bytes = max_orphan_bytes
+        self.max_ahead_bytes = max_ahead_bytes
         self._pending: dict[Key, _Pending] = {}
         self._done: set[Key] = set()
         self._orphans: dict[Key, dict[int, bytes]] = {}
         self._orphan_bytes = 0
+        self._ahead_bytes = 0
 
     @staticmethod
     def key_of(m: Manifest) -> Key:
@@ -48,20 +75,39 @@ class Reassembler:
     def pending_count(self) -> int:
         return len(self._pending)
 
-    def add_manifest(self, m: Manifest, now: float) -> Completed | None:
-        """Start collecting the body a manifest announces (a repeated manifest is a no-op)."""
+    def known(self, m: Manifest) -> bool:
+        """Whether this manifest's body is being collected or was finished or refused."""
+        key = self.key_of(m)
+        return key in self._done or key in self._pending
+
+    def refuse(self, m: Manifest) -> None:
+        """Ignore this body from now on (its manifest was refused): no chunk of it is kept."""
+        key = self.key_of(m)
+        self._done.add(key)
+        self._orphan_bytes -= sum(len(d) for d in self._orphans.pop(key, {}).values())
+
+    def add_manifest(self, m: Manifest, now: float, sink: Sink | None = None
+                     ) -> Completed | None:
+        """Start collecting the body a manifest announces (a repeated manifest is a no-op);
+        with a sink, stream it there instead of buffering it."""
         key = self.key_of(m)
         if key in self._done or key in self._pending:
             return None
         if len(self._pending) >= self.max_pending:
             raise ProtocolError("too_many_pending", f"{len(self._pending)} partial bodies")
-        p = _Pending(manifest=m, buffer=bytearray(m.body_len), last_progress=now)
+        if sink is None:
+            p = _Pending(manifest=m, buffer=bytearray(m.body_len), last_progress=now)
+        else:
+            p = _Pending(manifest=m, buffer=None, last_progress=now, sink=sink,
+                         hasher=hashlib.sha256())
         self._pending[key] = p
-        for index, data in self._orphans.pop(key, {}).items():
+        for index, data in sorted(self._orphans.pop(key, {}).items()):
             self._orphan_bytes -= len(data)
             try:
-                self._place(p, index, data)
+                self._take(key, p, index, data)
             except ProtocolError:
+                if key not in self._pending:
+                    raise  # the sink refused the body
                 continue  # a bad early chunk is simply asked for again later
         return self._finish_if_complete(key, p)
 
@@ -76,9 +122,47 @@ class Reassembler:
             return None
         if index in p.have:
             return None
-        self._place(p, index, data)
+        self._take(key, p, index, data)
         p.last_progress = now
         return self._finish_if_complete(key, p)
+
+    def _take(self, key: Key, p: _Pending, index: int, data: bytes) -> None:
+        """Check a chunk, then buffer it or stream it; a sink's refusal ends the body."""
+        self._check(p, index, data)
+        if p.sink is None:
+            a, b = p.manifest.chunk_span(index)
+            p.buffer[a:b] = data
+            p.have.add(index)
+            return
+        try:
+            self._stream(p, index, data)
+        except ProtocolError:
+            self._drop(key, p)
+            self._done.add(key)
+            raise
+
+    def _stream(self, p: _Pending, index: int, data: bytes) -> None:
+        if index != p.next_index:
+            if len(p.ahead) < MAX_AHEAD_CHUNKS \
+                    and self._ahead_bytes + len(data) <= self.max_ahead_bytes:
+                p.ahead[index] = data
+                self._ahead_bytes += len(data)
+                p.have.add(index)
+            return  # else dropped: it is asked for again once the gap is filled
+        while True:
+            p.sink.feed(data)
+            p.hasher.update(data)
+            p.have.add(p.next_index)
+            p.next_index += 1
+            data = p.ahead.pop(p.next_index, None)
+            if data is None:
+                return
+            self._ahead_bytes -= len(data)
+
+    def _drop(self, key: Key, p: _Pending) -> None:
+        self._pending.pop(key, None)
+        self._ahead_bytes -= sum(len(d) for d in p.ahead.values())
+        p.ahead.clear()
 
     def _park_orphan(self, key: Key, index: int, data: bytes) -> None:
         if self._orphan_bytes + len(data) > self.max_orphan_bytes:
@@ -90,7 +174,7 @@ class Reassembler:
             self._orphan_bytes += len(data)
 
     @staticmethod
-    def _place(p: _Pending, index: int, data: bytes) -> None:
+    def _check(p: _Pending, index: int, data: bytes) -> None:
         m = p.manifest
         if index >= m.n_chunks:
             raise ProtocolError("bad_chunk_index", f"{index} >= {m.n_chunks}")
@@ -99,10 +183,20 @@ class Reassembler:
             raise ProtocolError("bad_chunk_size", f"chunk {index}: {len(data)} != {b - a}")
         if sha256_hex(data) != m.chunk_digests[index]:
             raise ProtocolError("chunk_digest_mismatch", f"chunk {index}")
-        p.buffer[a:b] = data
-        p.have.add(index)
 
     def _finish_if_complete(self, key: Key, p: _Pending) -> Completed | None:
+        if key not in self._pending:
+            return None
+        if p.sink is not None:
+            if p.next_index < p.manifest.n_chunks:
+                return None
+            self._drop(key, p)
+            self._done.add(key)
+            if p.hasher.hexdigest() != p.manifest.body_digest:
+                raise ProtocolError("body_digest_mismatch",
+                                    "all chunks matched but the body did not")
+            p.sink.finish()
+            return Completed(manifest=p.manifest, body=b"")
         if len(p.have) < p.manifest.n_chunks:
             return None
         del self._pending[key]
@@ -125,7 +219,7 @@ class Reassembler:
     def forget_rounds_before(self, rnd: int) -> None:
         """Drop partial bodies and orphans of rounds that are over (they can never count)."""
         for key in [k for k in self._pending if k[1] < rnd]:
-            del self._pending[key]
+            self._drop(key, self._pending[key])
         for key in [k for k in self._orphans if k[1] < rnd]:
             self._orphan_bytes -= sum(len(d) for d in self._orphans.pop(key).values())
         self._done = {k for k in self._done if k[1] >= rnd}

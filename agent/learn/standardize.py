@@ -3,7 +3,9 @@
 Each site sends `(count, total, total_sq)` per encoded column (NaN ignored). Moments add up, so
 the coordinator's merge is a plain sum and the pooled mean and standard deviation are exactly what
 one would get on the pooled rows. The vector form (`to_vector`) is what travels on the wire and
-what secure aggregation can sum.
+what secure aggregation can sum; it holds each column's three numbers together, so a vector
+streamed in pieces (`MomentsStream`) can be summed whole columns at a time, never holding a
+site's vector whole.
 
 Variance is `total_sq / count - mean**2`, clipped at 0, in float64 (population variance, ddof=0,
 like `np.std`). This one-pass formula loses relative precision when |mean| >> std
@@ -43,8 +45,10 @@ class Moments:
         return int(self.count.shape[0])
 
     def to_vector(self) -> np.ndarray:
-        """float64 [3d]: counts, totals, sums of squares — the wire / secure-sum form."""
-        return np.concatenate([self.count, self.total, self.total_sq]).astype(np.float64)
+        """float64 [3d]: (count, total, sum of squares) per column — the wire / secure-sum
+        form."""
+        return np.stack([self.count, self.total, self.total_sq], axis=1).astype(
+            np.float64).ravel()
 
     @classmethod
     def from_vector(cls, v: np.ndarray) -> Moments:
@@ -55,8 +59,7 @@ class Moments:
                              f"got shape {v.shape}")
         if not np.all(np.isfinite(v)):
             raise ValueError("moments vector contains non-finite values")
-        d = v.shape[0] // 3
-        count, total, total_sq = v[:d].copy(), v[d:2 * d].copy(), v[2 * d:].copy()
+        count, total, total_sq = (v.reshape(-1, 3)[:, j].copy() for j in range(3))
         if np.any(count < 0):
             raise ValueError("moments vector has negative counts")
         return cls(count=count, total=total, total_sq=total_sq)
@@ -74,6 +77,43 @@ def local_moments(x: np.ndarray) -> Moments:
         total=filled.sum(axis=0),
         total_sq=np.square(filled).sum(axis=0),
     )
+
+
+class MomentsStream:
+    """One site's moments vector (`to_vector` form, little-endian float64) summed into a pooled
+    vector as its bytes arrive, whole columns at a time: a column's three numbers are checked
+    (finite, count >= 0) before any is added, so a vector cut off or refused part way has added
+    whole columns only — each pooled column is then the moments of the sites that reached it.
+    `largest_count` is the most values this site had in any column (its row count)."""
+
+    def __init__(self, pooled: np.ndarray, columns: int) -> None:
+        self.pooled = pooled  # float64 [3 * width], summed in place
+        self.columns = columns  # the leading columns whose counts give largest_count
+        self.done = 0  # columns added
+        self.largest_count = 0.0
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+        whole = len(self._pending) // 24
+        if self.done + whole > self.pooled.size // 3:
+            raise ValueError("moments vector longer than announced")
+        if whole == 0:
+            return
+        part = np.frombuffer(bytes(self._pending[:24 * whole]), dtype="<f8").reshape(whole, 3)
+        if not np.all(np.isfinite(part)) or np.any(part[:, 0] < 0):
+            raise ValueError("moments vector has non-finite values or negative counts")
+        lo = 3 * self.done
+        self.pooled[lo:lo + 3 * whole] += part.ravel()
+        head = part[:max(0, self.columns - self.done), 0]
+        self.largest_count = max(self.largest_count, float(head.max(initial=0.0)))
+        self.done += whole
+        del self._pending[:24 * whole]
+
+    def finish(self) -> None:
+        if self._pending or self.done != self.pooled.size // 3:
+            raise ValueError(f"moments vector ended after {self.done} of "
+                             f"{self.pooled.size // 3} columns")
 
 
 def merge_moments(parts: Sequence[Moments]) -> Moments:
