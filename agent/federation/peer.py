@@ -125,7 +125,7 @@ class Peer:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                msg = self.transport.inbox.get(timeout=max(0.0, remaining) if not events else 0)
+                msg = self.transport.receive(max(0.0, remaining) if not events else 0)
             except queue.Empty:
                 return events
             event = self._handle(msg.topic, msg.payload)
