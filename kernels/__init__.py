@@ -26,6 +26,7 @@ KERNEL_NAMES = (
     "quantize_int8",
     "dequantize_int8",
     "dequantize_accumulate",
+    "dequantize_accumulate_many",
     "topk_indices",
     "scatter_dequantize_accumulate",
     "preprocess_slice",

@@ -338,6 +338,7 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 # one flat set of kernel names. They read PARALLEL_MIN_WORK from this module at call time.
 from kernels.cpu_codec import (  # noqa: E402, F401
     dequantize_accumulate,
+    dequantize_accumulate_many,
     dequantize_int8,
     quantize_int8,
     scatter_dequantize_accumulate,

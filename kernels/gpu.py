@@ -258,6 +258,7 @@ def weighted_accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 # namespace is one flat set of kernel names.
 from kernels.gpu_codec import (  # noqa: E402, F401
     dequantize_accumulate,
+    dequantize_accumulate_many,
     dequantize_int8,
     quantize_int8,
     scatter_dequantize_accumulate,

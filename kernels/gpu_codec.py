@@ -32,6 +32,7 @@ from kernels.ref_codec import (
     check_accumulate,
     check_block,
     check_codes,
+    check_many,
     check_scatter,
     check_seed,
     check_topk,
@@ -106,6 +107,24 @@ extern "C" __global__ void dequantize_accumulate(float* acc, const signed char* 
     }
 }
 
+extern "C" __global__ void dequantize_accumulate_many(float* acc, const signed char* q,
+                                                      const float* scales, const float* w,
+                                                      long long n, long long nb,
+                                                      long long block, int sites) {
+    /* Sites in order per element, as numpy adds them: equal to one call per site. */
+    const long long lo = (long long)blockIdx.x * block;
+    const long long hi = min(lo + block, n);
+    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float a = acc[i];
+        for (int s = 0; s < sites; s++) {
+            float c = scales[(long long)s * nb + blockIdx.x];
+            float d = __fmul_rn((float)q[(long long)s * n + i], c);
+            a = __fadd_rn(a, __fmul_rn(w[s], d));
+        }
+        acc[i] = a;
+    }
+}
+
 extern "C" __global__ void dequantize(const signed char* q, const float* scales, float* out,
                                       long long n, long long block) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -168,6 +187,21 @@ def dequantize_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, bl
         (n_blocks(acc.size, block),), (threads_for(block, 4),),
         (ad, to_device(q), to_device(scales), np.int64(acc.size), np.int64(block),
          np.float32(weight)))
+    store(acc, ad)
+
+
+def dequantize_accumulate_many(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
+                               weights: np.ndarray) -> None:
+    """In place acc += sum over sites of weights[s] * (q[s] * scale), one pass over acc."""
+    check_many(acc, q, scales, block, weights, ARRAY_TYPES)
+    if acc.size == 0 or weights.size == 0:
+        return
+    ad = to_device(acc)
+    nb = n_blocks(acc.size, block)
+    _kernel("dequantize_accumulate_many")(
+        (nb,), (threads_for(block),),
+        (ad, to_device(q), to_device(scales), to_device(weights), np.int64(acc.size),
+         np.int64(nb), np.int64(block), np.int32(weights.size)))
     store(acc, ad)
 
 

@@ -71,6 +71,25 @@ def check_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: 
         raise ValueError(f"acc and q differ in shape: {acc.shape} vs {q.shape}")
 
 
+def check_many(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
+               weights: np.ndarray, types: tuple[type, ...] = (np.ndarray,)) -> None:
+    """acc [n]; q [s, n] int8 and scales [s, ceil(n / block)] float32, C-contiguous;
+    weights [s] float32."""
+    check_vector("acc", acc, np.float32, writable=True, types=types)
+    check_block(block)
+    check_vector("weights", weights, np.float32, types=types)
+    for name, a, dtype, width in (("q", q, np.int8, acc.size),
+                                  ("scales", scales, np.float32, n_blocks(acc.size, block))):
+        if not isinstance(a, types) or a.dtype != dtype or a.ndim != 2:
+            raise TypeError(f"{name} must be a 2-D {np.dtype(dtype).name} array [sites, "
+                            f"{width}], got {getattr(a, 'dtype', type(a).__name__)} "
+                            f"{getattr(a, 'shape', '')}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if a.shape != (weights.size, width):
+            raise ValueError(f"{name} has shape {a.shape}, expected ({weights.size}, {width})")
+
+
 def check_scatter(acc: np.ndarray, idx: np.ndarray, q: np.ndarray, scales: np.ndarray,
                   block: int, types: tuple[type, ...] = (np.ndarray,)) -> None:
     check_vector("acc", acc, np.float32, writable=True, types=types)
@@ -139,6 +158,16 @@ def dequantize_accumulate(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, bl
     """In place acc += weight * (q * scale): the coordinator's fused FedAvg step."""
     check_accumulate(acc, q, scales, block)
     acc += np.float32(weight) * dequantize_int8(q, scales, block)
+
+
+def dequantize_accumulate_many(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int,
+                               weights: np.ndarray) -> None:
+    """In place acc += sum over sites s of weights[s] * (q[s] * scale): several sites' updates
+    of the same parameters in one pass over the sum. Sites are added in order, so the result
+    equals one `dequantize_accumulate` per site, bit for bit."""
+    check_many(acc, q, scales, block, weights)
+    for s in range(weights.size):
+        dequantize_accumulate(acc, q[s], scales[s], block, float(weights[s]))
 
 
 def topk_indices(v: np.ndarray, k: int) -> np.ndarray:

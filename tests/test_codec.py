@@ -246,3 +246,59 @@ def test_streamed_fedavg_matches_the_float64_oracle(spec):
                                    rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="weight"):
         acc.add_encoded(enc.body, enc.meta, 0.0, spec)
+
+
+class CountingKernels:
+    """The reference kernels, counting how many sites each summing call covered."""
+
+    def __init__(self) -> None:
+        self.sites_per_call: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(K, name)
+
+    def dequantize_accumulate(self, *args) -> None:
+        self.sites_per_call.append(1)
+        K.dequantize_accumulate(*args)
+
+    def dequantize_accumulate_many(self, acc, q, *args) -> None:
+        self.sites_per_call.append(q.shape[0])
+        K.dequantize_accumulate_many(acc, q, *args)
+
+
+@pytest.mark.parametrize("hold_bytes", [16 << 20, 100_000])
+def test_updates_arriving_together_are_summed_in_one_pass_per_frame(hold_bytes, monkeypatch):
+    """Three int8 uploads interleaved chunk by chunk: each frame is summed once for all three
+    sites, equal bit for bit to adding the updates one after another; with a small hold budget
+    a stalled upload makes the others' frames go in early, still equal."""
+    spec = SPECS[1]
+    n = 300_000  # 5 frames
+    encs = [encode_update(delta(n, seed=s), spec, seed=s, kernels=K) for s in range(3)]
+    weights = [120.0, 40.0, 300.0]
+    one_by_one = FedAvgAccumulator(n, K)
+    for enc, w in zip(encs, weights, strict=True):
+        one_by_one.add_encoded(enc.body, enc.meta, w, spec)
+    counting = CountingKernels()
+    together = FedAvgAccumulator(n, counting)
+    monkeypatch.setattr(together, "HOLD_BYTES", hold_bytes)
+    streams = [together.open_update(e.meta, w, spec, body_len=len(e.body))
+               for e, w in zip(encs, weights, strict=True)]
+    stall = hold_bytes < 1 << 20  # the last site sends half, then the rest at the end
+    step = 20_000
+    longest = max(len(e.body) for e in encs)
+    for pos in range(0, longest, step):
+        for i, (stream, enc) in enumerate(zip(streams, encs, strict=True)):
+            if stall and i == 2 and pos >= len(enc.body) // 2 // step * step:
+                continue
+            stream.feed(enc.body[pos:pos + step])
+            assert together._held_bytes <= hold_bytes
+    if stall:
+        streams[2].feed(encs[2].body[len(encs[2].body) // 2 // step * step:])
+    for stream in streams:
+        stream.finish()
+    params = delta(n, seed=9)
+    np.testing.assert_array_equal(together.apply(params), one_by_one.apply(params))
+    if stall:
+        assert 1 in counting.sites_per_call
+    else:
+        assert counting.sites_per_call == [3] * 5

@@ -172,3 +172,23 @@ def test_backends_refuse_what_the_reference_refuses(backend):
         k.topk_indices(np.array([1.0, np.nan], F32), 1)
     with pytest.raises(ValueError, match="shape"):
         k.dequantize_accumulate(np.zeros(3, F32), np.zeros(4, np.int8), np.ones(1, F32), 4, 1.0)
+
+
+@pytest.mark.parametrize("n,block,sites", [(1, 1, 1), (1000, 7, 3), (70000, 256, 10),
+                                           (300, 256, 0)])
+def test_many_sites_in_one_pass_equal_one_call_per_site(backend, n, block, sites):
+    _, k = backend
+    rng = np.random.default_rng(n + sites)
+    pairs = [ref.quantize_int8(vec(rng, n), block, s) for s in range(sites)]
+    q = np.stack([p[0] for p in pairs]) if sites else np.zeros((0, n), np.int8)
+    scales = np.stack([p[1] for p in pairs]) if sites else np.zeros(
+        (0, ref_codec.n_blocks(n, block)), F32)
+    weights = rng.uniform(1, 300, sites).astype(F32)
+    acc = vec(rng, n)
+    one_by_one = acc.copy()
+    for s in range(sites):
+        ref.dequantize_accumulate(one_by_one, q[s], scales[s], block, float(weights[s]))
+    k.dequantize_accumulate_many(acc, q, scales, block, weights)
+    np.testing.assert_array_equal(acc, one_by_one)
+    with pytest.raises(ValueError, match="shape"):
+        k.dequantize_accumulate_many(acc, q, scales, block, np.append(weights, F32(1)))

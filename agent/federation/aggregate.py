@@ -28,7 +28,15 @@ class FedAvgAccumulator:
     the updates that reached it: below every watermark all updates count, above a cut-off one
     it does not. With every update complete this is plain FedAvg. On the gpu backend the sum
     lives on the device and only the new parameters come back.
+
+    Whole int8 frames (no top-k) are not summed one site at a time: a frame is held until
+    every update still arriving has delivered its copy of that frame, then all copies go into
+    the sum in one pass (`dequantize_accumulate_many`: 1 byte per site and 8 for the sum per
+    parameter, instead of 9 per site). Held frames are capped at `HOLD_BYTES`, oldest summed
+    first, so a slow site cannot make the coordinator hold everyone else's update.
     """
+
+    HOLD_BYTES = 16 << 20
 
     def __init__(self, size: int, kernels: ModuleType) -> None:
         self._kernels = kernels
@@ -41,6 +49,9 @@ class FedAvgAccumulator:
             self.acc = np.zeros(size, dtype=np.float32)
         self.streams: list[tuple[str, UpdateStream]] = []
         self.closed = False
+        self._held: dict[int, tuple[int, list[tuple[np.ndarray, np.ndarray, float]]]] = {}
+        self._held_bytes = 0
+        self._block = 0
 
     @property
     def total_weight(self) -> float:
@@ -63,9 +74,41 @@ class FedAvgAccumulator:
             raise ValueError(f"update weight must be positive and finite, got {weight}")
         if self.closed:
             raise ProtocolError("round_closed")
-        stream = UpdateStream(self.acc, weight, meta, spec, self._kernels, body_len)
+        stream = UpdateStream(self.acc, weight, meta, spec, self._kernels, body_len, self)
+        self._block = spec.block
         self.streams.append((label, stream))
         return stream
+
+    # FrameHolder: whole int8 frames from the streams, summed several sites at a time
+
+    def hold(self, f: int, a: int, q: np.ndarray, scales: np.ndarray, weight: float) -> None:
+        self._held.setdefault(f, (a, []))[1].append((q, scales, weight))
+        self._held_bytes += q.nbytes + scales.nbytes
+        self._sum_ready()
+
+    def stream_ended(self) -> None:
+        self._sum_ready()
+
+    def _sum_ready(self) -> None:
+        live = [s for _, s in self.streams if s.live]
+        for f in sorted(self._held):
+            if all(s.frame > f for s in live):  # no update still arriving lacks frame f
+                self._sum_frame(f)
+        while self._held_bytes > self.HOLD_BYTES:
+            self._sum_frame(min(self._held))
+
+    def _sum_frame(self, f: int) -> None:
+        a, copies = self._held.pop(f)
+        self._held_bytes -= sum(q.nbytes + s.nbytes for q, s, _ in copies)
+        e = copies[0][0].size
+        if len(copies) == 1:
+            q, scales, w = copies[0]
+            self._kernels.dequantize_accumulate(self.acc[a:a + e], q, scales, self._block, w)
+            return
+        self._kernels.dequantize_accumulate_many(
+            self.acc[a:a + e], np.stack([c[0] for c in copies]),
+            np.stack([c[1] for c in copies]), self._block,
+            np.array([c[2] for c in copies], dtype=np.float32))
 
     def add_encoded(self, body: bytes, meta: dict[str, Any], weight: float,
                     spec: CompressionSpec, label: str = "") -> None:
@@ -80,6 +123,8 @@ class FedAvgAccumulator:
         self.closed = True
         for _, s in self.streams:
             s.failed = s.failed or ProtocolError("round_closed")
+        while self._held:
+            self._sum_frame(min(self._held))
         reached = [(s.watermark, s.weight) for _, s in self.streams if s.watermark > 0]
         if not reached:
             raise ValueError("no updates to aggregate")

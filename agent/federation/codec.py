@@ -30,7 +30,7 @@ import io
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zstandard
@@ -149,6 +149,14 @@ def _fields(meta: dict[str, Any], n: int, spec: CompressionSpec) -> int:
     return k
 
 
+class FrameHolder(Protocol):
+    """Takes whole, checked int8 frames (frame f starts at parameter a) to sum them later."""
+
+    def hold(self, f: int, a: int, q: np.ndarray, scales: np.ndarray, weight: float) -> None: ...
+
+    def stream_ended(self) -> None: ...
+
+
 def _array_module(a: Any) -> ModuleType:
     """numpy, or cupy for a sum kept on a GPU."""
     return importlib.import_module(type(a).__module__.split(".")[0])
@@ -165,7 +173,8 @@ class UpdateStream:
     """
 
     def __init__(self, acc: Any, weight: float, meta: dict[str, Any], spec: CompressionSpec,
-                 kernels: ModuleType, body_len: int | None = None) -> None:
+                 kernels: ModuleType, body_len: int | None = None,
+                 frames: FrameHolder | None = None) -> None:
         self.acc = acc
         self.n = acc.size
         self.k = _fields(meta, self.n, spec)
@@ -179,6 +188,7 @@ class UpdateStream:
         self._kernels = kernels
         self._xp = _array_module(acc)
         self.body_len = body_len
+        self._frames = frames  # where whole int8 frames go to be summed with other sites'
         self.accepted = False  # finish() found the body whole and well formed
         self._pending = bytearray()
         self._consumed = 0  # body bytes before _pending
@@ -225,6 +235,7 @@ class UpdateStream:
         except ProtocolError as exc:
             self.failed = exc
             self._pending = bytearray()
+            self._ended()
             raise
 
     def finish(self) -> None:
@@ -233,8 +244,19 @@ class UpdateStream:
         if not self.complete or self._pending:
             self.failed = ProtocolError("bad_update_size", f"body ended after {self.frame} of "
                                         f"{self.frames} frames")
+            self._ended()
             raise self.failed
         self.accepted = True
+        self._ended()
+
+    @property
+    def live(self) -> bool:
+        """Still expected to deliver frames."""
+        return self.failed is None and not self.complete
+
+    def _ended(self) -> None:
+        if self._frames is not None:
+            self._frames.stream_ended()
 
     def _add_frame(self, frame: bytes | bytearray, e: int) -> None:
         expected = packed_size(e, self.topk, self.quantize, self.block)
@@ -262,24 +284,30 @@ class UpdateStream:
             if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)
                     and np.all(scales <= _MAX_SCALE)):
                 raise ProtocolError("non_finite_update")
-            if idx is None:
-                self._kernels.dequantize_accumulate(self.acc[a:a + e], q, scales, self.block, w)
-            else:
-                self._kernels.scatter_dequantize_accumulate(
-                    self.acc, self._xp.asarray(idx), q, scales, self.block, w)
         else:
             values = np.frombuffer(buf[pos:], dtype="<f4").astype(np.float32, copy=False)
             if not np.all(np.isfinite(values)):
                 raise ProtocolError("non_finite_update")
-            if idx is None:
-                self._kernels.weighted_accumulate(self.acc[a:a + e], values, w)
-            else:
-                self.acc[self._xp.asarray(idx)] += self._xp.asarray(np.float32(w) * values)
+        # Checked: from here the frame counts, whether it is summed now or held to be summed
+        # with other sites' copies of the same frame (FedAvgAccumulator).
+        f = self.frame
         self.frame += 1
         if idx is not None:
             self._last_index = int(idx[-1])
         self.watermark = self.n if self.complete else (
             self._last_index + 1 if idx is not None else a + e)
+        if self.quantize == "int8" and idx is None:
+            if self._frames is not None:
+                self._frames.hold(f, a, q, scales, w)
+            else:
+                self._kernels.dequantize_accumulate(self.acc[a:a + e], q, scales, self.block, w)
+        elif self.quantize == "int8":
+            self._kernels.scatter_dequantize_accumulate(
+                self.acc, self._xp.asarray(idx), q, scales, self.block, w)
+        elif idx is None:
+            self._kernels.weighted_accumulate(self.acc[a:a + e], values, w)
+        else:
+            self.acc[self._xp.asarray(idx)] += self._xp.asarray(np.float32(w) * values)
 
 
 def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[str, Any],
