@@ -65,6 +65,15 @@ def test_device_arrays_stay_on_the_device_and_match_the_oracle(gpu):
     assert acc.data.ptr == before  # summed in place, no new buffer
     assert np.array_equal(acc.get(), acc0)
 
+    # several sites in one pass, all on the device: equal to one call per site
+    qs = cp.stack([q, q[::-1].copy()])
+    ss = cp.stack([s, s[::-1].copy()])
+    weights = np.array([3.0, 0.25], F32)
+    k.dequantize_accumulate_many(acc, qs, ss, block, cp.asarray(weights))
+    for i in range(2):
+        ref.dequantize_accumulate(acc0, qs[i].get(), ss[i].get(), block, float(weights[i]))
+    assert acc.data.ptr == before and np.array_equal(acc.get(), acc0)
+
     idx = k.topk_indices(cp.asarray(x), n // 100)
     assert isinstance(idx, cp.ndarray)
     assert np.array_equal(idx.get(), ref.topk_indices(x, n // 100))
