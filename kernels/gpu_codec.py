@@ -111,17 +111,37 @@ extern "C" __global__ void dequantize_accumulate_many(float* acc, const signed c
                                                       const float* scales, const float* w,
                                                       long long n, long long nb,
                                                       long long block, int sites) {
-    /* Sites in order per element, as numpy adds them: equal to one call per site. */
+    /* Sites in order per element, as numpy adds them: equal to one call per site. Each
+       thread keeps four elements (strided by the block width) and issues their four loads
+       per site together, so enough requests are in flight. */
     const long long lo = (long long)blockIdx.x * block;
     const long long hi = min(lo + block, n);
-    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        float a = acc[i];
-        for (int s = 0; s < sites; s++) {
-            float c = scales[(long long)s * nb + blockIdx.x];
-            float d = __fmul_rn((float)q[(long long)s * n + i], c);
-            a = __fadd_rn(a, __fmul_rn(w[s], d));
+    const long long t = blockDim.x;
+    for (long long base = lo + threadIdx.x; base < hi; base += 4 * t) {
+        float a[4];
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            long long i = base + u * t;
+            a[u] = i < hi ? acc[i] : 0.0f;
         }
-        acc[i] = a;
+        for (int s = 0; s < sites; s++) {
+            const signed char* qs = q + (long long)s * n;
+            const float c = scales[(long long)s * nb + blockIdx.x];
+            const float ws = w[s];
+            float d[4];
+            #pragma unroll
+            for (int u = 0; u < 4; u++) {
+                long long i = base + u * t;
+                d[u] = i < hi ? (float)qs[i] : 0.0f;
+            }
+            #pragma unroll
+            for (int u = 0; u < 4; u++) a[u] = __fadd_rn(a[u], __fmul_rn(ws, __fmul_rn(d[u], c)));
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            long long i = base + u * t;
+            if (i < hi) acc[i] = a[u];
+        }
     }
 }
 
@@ -199,7 +219,7 @@ def dequantize_accumulate_many(acc: np.ndarray, q: np.ndarray, scales: np.ndarra
     ad = to_device(acc)
     nb = n_blocks(acc.size, block)
     _kernel("dequantize_accumulate_many")(
-        (nb,), (threads_for(block),),
+        (nb,), (threads_for(block, 4),),
         (ad, to_device(q), to_device(scales), to_device(weights), np.int64(acc.size),
          np.int64(nb), np.int64(block), np.int32(weights.size)))
     store(acc, ad)
