@@ -23,10 +23,10 @@ from kernels.cpu_jit import pjit as _pjit
 from kernels.ref_checks import check_f32
 from kernels.ref_conv import (
     MAXPOOL_INDEX_DTYPE,
+    check_avgpool_backward,
     check_conv,
     check_pool_backward,
     check_pool_input,
-    check_x_shape,
 )
 
 # ---------------------------------------------------------------------------- convolution
@@ -322,10 +322,8 @@ def global_avgpool_forward(x: np.ndarray) -> np.ndarray:
 
 def global_avgpool_backward(dy: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
     """dx[n, c, h, w] = dy[n, c] / (h * w)."""
-    n, c, h, w = check_x_shape(x_shape)
+    n, c, h, w = check_avgpool_backward(dy, x_shape)
     check_f32("dy", dy, 2)
-    if dy.shape != (n, c):
-        raise ValueError(f"dy{dy.shape} must be {(n, c)} for x_shape {(n, c, h, w)}")
     dx = np.empty((n, c, h, w), dtype=_F32)
     (_spread_parallel if _parallel(dx.size) else _spread_serial)(dy, dx)
     return dx

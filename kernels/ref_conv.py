@@ -77,6 +77,16 @@ def check_pool_backward(dy: np.ndarray, argmax: np.ndarray,
     return shape
 
 
+def check_avgpool_backward(dy: np.ndarray, x_shape: tuple[int, ...]
+                           ) -> tuple[int, int, int, int]:
+    """dy [n, c] for the forward input's shape x_shape [n, c, h, w]."""
+    n, c, h, w = check_x_shape(x_shape)
+    _check("dy", dy, 2)
+    if dy.shape != (n, c):
+        raise ValueError(f"dy{dy.shape} must be {(n, c)} for x_shape {(n, c, h, w)}")
+    return n, c, h, w
+
+
 # ---------------------------------------------------------------------------- convolution
 
 
@@ -150,10 +160,7 @@ def global_avgpool_forward(x: np.ndarray) -> np.ndarray:
 
 def global_avgpool_backward(dy: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
     """dx[n, c, h, w] = dy[n, c] / (h * w): the mean spreads its gradient evenly."""
-    n, c, h, w = check_x_shape(x_shape)
-    _check("dy", dy, 2)
-    if dy.shape != (n, c):
-        raise ValueError(f"dy{dy.shape} must be {(n, c)} for x_shape {(n, c, h, w)}")
+    n, c, h, w = check_avgpool_backward(dy, x_shape)
     dx = np.empty((n, c, h, w), dtype=dy.dtype)
     dx[...] = (dy / dy.dtype.type(h * w))[:, :, None, None]
     return dx
