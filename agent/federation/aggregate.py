@@ -122,7 +122,7 @@ class FedAvgAccumulator:
         that reached it); closes the sum to further frames."""
         self.closed = True
         for _, s in self.streams:
-            s.failed = s.failed or ProtocolError("round_closed")
+            s.abandon(ProtocolError("round_closed"))
         while self._held:
             self._sum_frame(min(self._held))
         reached = [(s.watermark, s.weight) for _, s in self.streams if s.watermark > 0]

@@ -254,6 +254,13 @@ class UpdateStream:
         """Still expected to deliver frames."""
         return self.failed is None and not self.complete
 
+    def abandon(self, exc: ProtocolError) -> None:
+        """Take no more bytes (round closed, or replaced by a newer upload of the site)."""
+        if self.failed is None:
+            self.failed = exc
+            self._pending = bytearray()
+            self._ended()
+
     def _ended(self) -> None:
         if self._frames is not None:
             self._frames.stream_ended()

@@ -304,7 +304,7 @@ class Coordinator:
         self.state = State.COLLECTING
         self._publish_status()
         acc = FedAvgAccumulator(self.layout.size, self.kernels)
-        opened: set[str] = set()
+        opened: dict[str, UpdateStream] = {}
 
         def open_stream(topic: Topic, m: Manifest) -> UpdateStream | None:
             """Each site's update goes into the sum frame by frame as its chunks arrive; what
@@ -313,19 +313,24 @@ class Coordinator:
                     or m.meta.get("run") != self.run_id:
                 return None
             site = topic.sender
-            if site in opened:
-                raise ProtocolError("duplicate_update", site)
+            earlier = opened.get(site)
+            if earlier is not None:
+                # A site that restarted sends its update again under a new manifest: the new
+                # one may replace the old only if nothing of the old reached the sum.
+                if earlier.watermark > 0 or earlier.accepted:
+                    raise ProtocolError("duplicate_update", site)
+                earlier.abandon(ProtocolError("replaced", site))
             report = _validated_report(m.meta)
             codec = m.meta.get("update")
             if not isinstance(codec, dict):
                 raise ProtocolError("bad_field", "update")
             stream = acc.open_update(codec, float(report["n_samples"]), self.plan.compression,
                                      label=site, body_len=m.body_len)
-            opened.add(site)
+            opened[site] = stream
             return stream
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
-            if site not in opened or body:
+            if site not in opened or not opened[site].accepted or body:
                 raise ProtocolError("not_streamed", site)  # cannot happen: open_stream took it
             report = _validated_report(m.meta)
             report["bytes_received"] = m.body_len
