@@ -102,6 +102,8 @@ def preprocess_slice(pixels: np.ndarray, slope: float, intercept: float, center:
     Raises ValueError on non-finite float32 pixels (a NaN would leak through the clip).
     """
     check_slice_args(pixels, slope, intercept, center, width, out_rows, out_cols)
+    if not pixels.dtype.isnative:  # compiled for native byte order only
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if pixels.dtype == _F32 and not _all_finite(pixels):
         raise ValueError("pixels contain NaN or infinity")
     h, w = pixels.shape

@@ -119,6 +119,15 @@ def test_preprocess_slice_leaves_input_alone(backend):
     np.testing.assert_array_equal(p, saved)
 
 
+@pytest.mark.parametrize("dtype", [">i2", ">u2", ">i4", ">f4"])
+def test_preprocess_slice_takes_big_endian_pixels(backend, dtype):
+    _, k = backend
+    p = stored(np.random.default_rng(5), np.dtype(dtype).newbyteorder("="), 12, 9)
+    big = p.astype(dtype)
+    np.testing.assert_array_equal(k.preprocess_slice(big, 1.0, -1024.0, 40.0, 400.0, 6, 5),
+                                  ref.preprocess_slice(p, 1.0, -1024.0, 40.0, 400.0, 6, 5))
+
+
 @pytest.mark.parametrize("case", ["float64", "uint8", "3-D", "empty", "strided", "width 0",
                                   "nan slope", "rows 0", "cols float", "nan pixel"])
 def test_preprocess_slice_rejects(backend, case):
