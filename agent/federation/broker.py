@@ -36,21 +36,23 @@ def free_port() -> int:
 
 
 class LocalMosquitto:
-    """Start/stop a Mosquitto on 127.0.0.1 with plain MQTT (demo and tests only)."""
+    """Start/stop a Mosquitto on 127.0.0.1 with plain MQTT (demo and tests only), or with a
+    config written elsewhere (`config`: e.g. `fedsilo broker-config`'s, listening on `port`)."""
 
     def __init__(self, workdir: Path | None = None, port: int | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", config: Path | None = None) -> None:
         self.binary = find_mosquitto()
         if self.binary is None:
             raise BrokerError(MOSQUITTO_HINT)
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedsilo-mq-"))
         self.port = port or free_port()
         self.extra_config = extra_config
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def config_path(self) -> Path:
-        return self.workdir / "mosquitto.conf"
+        return self.config or self.workdir / "mosquitto.conf"
 
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,8 @@ class LocalMosquitto:
         os.chown(log, user.pw_uid, user.pw_gid)
 
     def start(self, timeout_s: float = 10.0) -> LocalMosquitto:
-        self.write_config()
+        if self.config is None:
+            self.write_config()
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s

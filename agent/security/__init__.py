@@ -1,0 +1,1 @@
+"""Identities and trust: the federation PKI, broker configuration, message signatures."""

@@ -1,0 +1,170 @@
+"""A real Mosquitto running the config `fedsilo broker-config` writes: who gets in, and what
+each identity can see and send. Delivery is counted (Mosquitto grants every SUBSCRIBE and
+withholds what the ACL does not allow), against a positive control that proves traffic flows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import BrokerConfig
+from agent.config.site import TLSFiles
+from agent.errors import ConfigError
+from agent.federation.broker import LocalMosquitto, find_mosquitto, free_port
+from agent.federation.transport import Transport
+from agent.security.brokerconf import Roster, load_roster, write_broker_config
+from agent.security.pki import PKI
+
+FED = "fed"
+ROOT = f"fedsilo/v1/{FED}"
+
+
+@pytest.fixture(scope="module")
+def secure():
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto missing: `make test` installs it")
+    tmp = Path(tempfile.mkdtemp(prefix="fedsilo-sec-"))
+    os.chmod(tmp, 0o755)  # the broker's own user must get through to its directory
+    pki = PKI.init(tmp / "pki", FED)
+    for site in ("north", "south"):
+        pki.issue("site", site)
+    pki.issue("coordinator", "coordinator")
+    pki.issue("monitor", "monitor")
+    pki.issue("site", "west")
+    pki.revoke("west")
+    then = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=400)
+    pki.issue("site", "east", not_before=then, days=365)  # expired a month ago
+    other = PKI.init(tmp / "other-ca", FED)
+    other.issue("site", "north")
+    port = free_port()
+    conf = write_broker_config(pki, Roster(FED, ("north", "south")), port, tmp / "broker",
+                               bind="127.0.0.1")
+    broker = LocalMosquitto(workdir=tmp / "broker", port=port, config=conf).start()
+    try:
+        yield pki, port, tmp
+    finally:
+        broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def can_connect(port: int, ca: Path, cert: Path | None, key: Path | None,
+                client_id: str = "probe") -> bool:
+    """A bare paho client: True only if the broker sent a successful CONNACK."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=mqtt.MQTTv5)
+    c.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
+              keyfile=str(key) if key else None, cert_reqs=ssl.CERT_REQUIRED)
+    ok = []
+    c.on_connect = lambda *a: ok.append(not a[3].is_failure)
+    try:
+        c.connect("127.0.0.1", port, 10)
+    except OSError:
+        return False  # the TLS handshake itself was refused
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not ok:
+        if c.loop(0.1) != mqtt.MQTT_ERR_SUCCESS:
+            break
+    c.disconnect()
+    return ok == [True]
+
+
+def client(pki: PKI, port: int, identity: str, subscriptions=(), client_id=None) -> Transport:
+    t = Transport(client_id or f"fedsilo-{FED}-{identity}",
+                  BrokerConfig(port=port, tls=TLSFiles(ca=pki.dir / "ca.crt",
+                                                       cert=pki.dir / f"{identity}.crt",
+                                                       key=pki.dir / f"{identity}.key")),
+                  subscriptions=list(subscriptions))
+    t.connect()
+    return t
+
+
+def drain(t: Transport, seconds: float) -> list[str]:
+    topics, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            topics.append(t.receive(left).topic)
+        except Exception:  # queue.Empty
+            break
+    return topics
+
+
+def test_only_certificates_of_the_federation_ca_that_are_valid_get_in(secure):
+    pki, port, tmp = secure
+    ca = pki.dir / "ca.crt"
+    assert can_connect(port, ca, pki.dir / "north.crt", pki.dir / "north.key")
+    assert not can_connect(port, ca, None, None)  # no client certificate
+    other = tmp / "other-ca"
+    assert not can_connect(port, ca, other / "north.crt", other / "north.key")  # another CA
+    assert not can_connect(port, ca, pki.dir / "east.crt", pki.dir / "east.key")  # expired
+    assert not can_connect(port, ca, pki.dir / "west.crt", pki.dir / "west.key")  # revoked
+
+
+def test_a_site_sees_and_sends_only_what_its_acl_allows(secure):
+    pki, port, _ = secure
+    coord = client(pki, port, "coordinator", [f"{ROOT}/site/+/#", f"{ROOT}/coordinator/#"])
+    monitor = client(pki, port, "monitor", [f"{ROOT}/#"])
+    spy = client(pki, port, "north", [f"{ROOT}/site/south/#", "#"])
+    south = client(pki, port, "south", [f"{ROOT}/coordinator/round/#"])
+    try:
+        # south uploads: the coordinator gets it, north (subscribed to south and to #) does not
+        south.wait_published([south.publish(f"{ROOT}/site/south/update/1/manifest", b"m"),
+                              south.publish(f"{ROOT}/site/south/status", b"s")], 5)
+        assert sorted(drain(coord, 1.5)) == [f"{ROOT}/site/south/status",
+                                             f"{ROOT}/site/south/update/1/manifest"]
+        assert drain(spy, 0.5) == []
+        assert drain(monitor, 0.2) == [f"{ROOT}/site/south/status"]  # status only, read-only
+        # north forging south's and the coordinator's topics: nobody gets it; its own: fine
+        for topic in (f"{ROOT}/site/south/update/1/manifest", f"{ROOT}/coordinator/round/1/"
+                      "manifest", f"{ROOT}/coordinator/status"):
+            spy.wait_published([spy.publish(topic, b"forged")], 5)
+        spy.wait_published([spy.publish(f"{ROOT}/site/north/status", b"own")], 5)
+        assert drain(coord, 1.5) == [f"{ROOT}/site/north/status"]
+        assert drain(south, 0.2) == []
+        assert drain(monitor, 0.2) == [f"{ROOT}/site/north/status"]
+        # the monitor cannot write anything
+        monitor.wait_published([monitor.publish(f"{ROOT}/coordinator/round/2/manifest", b"x"),
+                                monitor.publish(f"{ROOT}/site/north/status", b"x")], 5)
+        assert drain(south, 1.0) == [] and drain(coord, 0.2) == []
+    finally:
+        for t in (coord, monitor, spy, south):
+            t.close()
+
+
+def test_a_site_using_another_sites_client_id_does_not_push_it_off(secure):
+    pki, port, _ = secure
+    coord = client(pki, port, "coordinator", [f"{ROOT}/site/+/#"])
+    south = client(pki, port, "south")
+    impostor = client(pki, port, "north", client_id=f"fedsilo-{FED}-south")
+    try:
+        time.sleep(0.5)
+        south.wait_published([south.publish(f"{ROOT}/site/south/status", b"still here")], 5)
+        assert drain(coord, 1.5) == [f"{ROOT}/site/south/status"]
+        assert south.connects == 1  # never disconnected, so never reconnected
+    finally:
+        for t in (coord, south, impostor):
+            t.close()
+
+
+def test_broker_config_files_and_refusals(secure, tmp_path):
+    pki, port, tmp = secure
+    conf = (tmp / "broker" / "mosquitto.conf").read_text()
+    for line in ("allow_anonymous false", "require_certificate true",
+                 "use_identity_as_username true", "use_username_as_clientid true",
+                 "max_packet_size 2000000"):
+        assert line in conf
+    assert oct((tmp / "broker" / "broker.key").stat().st_mode & 0o777) == "0o600"
+    roster = tmp_path / "roster.toml"
+    roster.write_text('federation = "fed"\nsites = ["north", "coordinator"]\n')
+    with pytest.raises(ConfigError, match="sites"):
+        load_roster(roster)
+    roster.write_text('federation = "other"\nsites = ["north"]\n')
+    with pytest.raises(ConfigError, match="CA is for 'fed'"):
+        write_broker_config(pki, load_roster(roster), port, tmp_path / "out")
