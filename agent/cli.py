@@ -106,6 +106,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pki(args: argparse.Namespace) -> int:
+    from agent.security.pki import PKI, WARN_DAYS, days_left
+
+    d = Path(args.dir)
+    if args.pki_command == "init":
+        PKI.init(d, args.federation)
+        print(f"{d}/ca.crt: new federation CA (its key stays in {d}/ca.key, mode 0600)")
+        return 0
+    pki = PKI(d)
+    if args.pki_command == "issue":
+        identity = args.role if args.role != "site" else args.id
+        if args.role == "site" and identity is None:
+            raise ConfigError("fedsilo pki issue site", "ID", "a site id is required")
+        if args.role != "site" and args.id not in (None, args.role):
+            raise ConfigError(f"fedsilo pki issue {args.role}", "ID",
+                              f"the {args.role} identity is named {args.role!r}")
+        if args.days < 1:
+            raise ConfigError("fedsilo pki issue", "--days", "must be at least 1")
+        issued = pki.issue(args.role, identity, days=args.days)
+        print(f"{issued.cert} and {issued.key} (0600), valid until "
+              f"{issued.not_after:%Y-%m-%d}; copy {d}/bundle-{identity}/ to that host")
+        return 0
+    if args.pki_command == "revoke":
+        n = pki.revoke(args.id)
+        print(f"{args.id}: {n} certificate(s) on {d}/crl.pem; give the broker the new CRL "
+              f"(fedsilo broker-config again) and restart it")
+        return 0
+    for identity, entry in sorted(pki.index["issued"].items()):  # list
+        revoked = entry["current"] in pki.index.get("revoked", {})
+        left = days_left(d / f"{identity}.crt")
+        note = "REVOKED" if revoked else "EXPIRED" if left < 0 else \
+            f"expires in {left:.0f} days" + (" — renew now" if left < WARN_DAYS else "")
+        print(f"{identity:<24}{entry['role']:<13}{note}")
+    return 0
+
+
+def _cmd_broker_config(args: argparse.Namespace) -> int:
+    from agent.security.brokerconf import load_roster, write_broker_config
+    from agent.security.pki import PKI
+
+    conf = write_broker_config(PKI(Path(args.pki)), load_roster(Path(args.roster)), args.port,
+                               Path(args.out), bind=args.bind,
+                               hosts=tuple(args.host or ("localhost", "127.0.0.1")))
+    print(f"{conf}: run it with `mosquitto -c {conf}`")
+    return 0
+
+
 def _cmd_warm_cache(args: argparse.Namespace) -> int:
     from agent.ingest import dicom_native
     from agent.learn.warm import warm_kernels
@@ -253,6 +300,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "reference")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=_cmd_bench)
+
+    pki = sub.add_parser("pki", help="the federation's certificates: CA, identities, revocation")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_sub.add_parser("init", help="create the federation CA in --dir")
+    init.add_argument("--dir", required=True, help="PKI directory (keep it offline if you can)")
+    init.add_argument("--federation", help="bind the CA to this federation id (broker configs "
+                                           "for another federation are then refused)")
+    init.set_defaults(func=_cmd_pki)
+    issue = pki_sub.add_parser("issue", help="key + certificate for a site, the coordinator or "
+                                             "the monitoring identity")
+    issue.add_argument("role", choices=("site", "coordinator", "monitor"))
+    issue.add_argument("id", nargs="?", help="the site id (sites only)")
+    issue.add_argument("--dir", required=True, help="PKI directory")
+    issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    issue.set_defaults(func=_cmd_pki)
+    revoke = pki_sub.add_parser("revoke", help="put an identity's certificates on the CRL")
+    revoke.add_argument("id")
+    revoke.add_argument("--dir", required=True, help="PKI directory")
+    revoke.set_defaults(func=_cmd_pki)
+    plist = pki_sub.add_parser("list", help="issued identities and when they expire")
+    plist.add_argument("--dir", required=True, help="PKI directory")
+    plist.set_defaults(func=_cmd_pki)
+
+    bc = sub.add_parser("broker-config", help="write a Mosquitto config, ACL and broker "
+                                              "certificate for the federation's roster")
+    bc.add_argument("--pki", required=True, help="PKI directory (fedsilo pki init)")
+    bc.add_argument("--roster", required=True, help='TOML: federation = "id", sites = [...]')
+    bc.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    bc.add_argument("--out", required=True, help="directory for mosquitto.conf and its files")
+    bc.add_argument("--bind", default="0.0.0.0", help="listen address (default all)")
+    bc.add_argument("--host", action="append", default=None,
+                    help="name or IP clients use to reach the broker (repeatable; default "
+                         "localhost and 127.0.0.1)")
+    bc.set_defaults(func=_cmd_broker_config)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")

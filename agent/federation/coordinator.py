@@ -185,6 +185,7 @@ class Coordinator:
                               last_error=self.last_error,
                               extra={"rounds_total": self.plan.rounds, "run": self.run_id,
                                      "rejected_messages": sum(self.peer.rejected.values()),
+                                     "cert_days_left": self.transport.cert_days_left(),
                                      **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
                                retain=True)

@@ -163,6 +163,7 @@ class Site:
         if self.ingest is not None:
             extra.update(self.ingest.status_extra())
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
+        extra["cert_days_left"] = self.transport.cert_days_left()
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
         return extra

@@ -125,8 +125,30 @@ class Transport:
         c.on_message = self._on_message
         return c
 
+    def cert_days_left(self) -> float | None:
+        """Days until this identity's certificate expires (None without TLS): for status."""
+        if self.broker.tls is None:
+            return None
+        from agent.security.pki import days_left
+
+        try:
+            return round(days_left(self.broker.tls.cert), 1)
+        except (OSError, ValueError):
+            return None  # unreadable now: the TLS connection itself reports that
+
     def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (MQTT 5, falling back to 3.1.1 under protocol 'auto') or raise BrokerError."""
+        if self.broker.tls is None:
+            log.warning("MQTT to %s:%s WITHOUT TLS: anyone on the network can read and forge "
+                        "traffic; only for the local demo (set [broker.tls] for a federation)",
+                        self.broker.host, self.broker.port)
+        else:
+            from agent.security.pki import WARN_DAYS
+
+            left = self.cert_days_left()
+            if left is not None and left < WARN_DAYS:
+                log.warning("certificate %s expires in %.0f days: ask the federation for a new "
+                            "one", self.broker.tls.cert, left)
         order = {"5": [True], "3.1.1": [False], "auto": [True, False]}[self.broker.protocol]
         last_error = ""
         for v5 in order:
