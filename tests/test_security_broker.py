@@ -5,6 +5,7 @@ withholds what the ACL does not allow), against a positive control that proves t
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import ssl
@@ -22,8 +23,15 @@ from agent.federation.broker import LocalMosquitto, find_mosquitto, free_port
 from agent.federation.transport import Transport
 from agent.security.brokerconf import Roster, load_roster, write_broker_config
 from agent.security.pki import PKI
+from tests.fedharness import (
+    CoordinatorThread,
+    breast_cancer_sites,
+    start_site,
+    stop_all,
+    write_site_config,
+)
+from tests.test_federation import FED, plan_for
 
-FED = "fed"
 ROOT = f"fedsilo/v1/{FED}"
 
 
@@ -162,9 +170,46 @@ def test_broker_config_files_and_refusals(secure, tmp_path):
         assert line in conf
     assert oct((tmp / "broker" / "broker.key").stat().st_mode & 0o777) == "0o600"
     roster = tmp_path / "roster.toml"
-    roster.write_text('federation = "fed"\nsites = ["north", "coordinator"]\n')
+    roster.write_text(f'federation = "{FED}"\nsites = ["north", "coordinator"]\n')
     with pytest.raises(ConfigError, match="sites"):
         load_roster(roster)
     roster.write_text('federation = "other"\nsites = ["north"]\n')
-    with pytest.raises(ConfigError, match="CA is for 'fed'"):
+    with pytest.raises(ConfigError, match=f"CA is for '{FED}'"):
         write_broker_config(pki, load_roster(roster), port, tmp_path / "out")
+
+
+def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
+    """Sites and coordinator with their own certificates, through the generated broker and
+    ACL: every round completes and the status carries the certificates' days left."""
+    pki, port, _ = secure
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south"]
+    procs = []
+    for name, table in zip(names, tables[:2], strict=True):
+        tls = {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
+               "key": str(pki.dir / f"{name}.key")}
+        cfg = write_site_config(tmp_path / "sites", name, FED, port, table, tls=tls)
+        procs.append(start_site(cfg, tmp_path / f"{name}.log"))
+    statuses = client(pki, port, "monitor", [f"{ROOT}/+/+/status", f"{ROOT}/coordinator/status"])
+    try:
+        final = CoordinatorThread(
+            plan_for(features, names, rounds=3), port, tmp_path / "coord",
+            tls=TLSFiles(ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
+                         key=pki.dir / "coordinator.key")).start().join(timeout=120)
+        assert stop_all(procs) == [0, 0]
+        assert final["sites"] == names
+        seen = {}
+        while True:
+            try:
+                msg = statuses.receive(1.0)
+            except Exception:  # queue.Empty: nothing more
+                break
+            # (the monitor's persistent session also keeps an earlier test's subscription to
+            # everything, and what that test sent)
+            if msg.topic.endswith("/status") and msg.payload.startswith(b"{"):
+                doc = json.loads(msg.payload)
+                seen[doc["id"]] = doc
+        assert set(seen) >= {"north", "south", "coordinator"}
+        assert all(364 < seen[i]["cert_days_left"] <= 365 for i in ("north", "coordinator"))
+    finally:
+        statuses.close()
