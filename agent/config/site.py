@@ -28,6 +28,17 @@ class TLSFiles:
 
 
 @dataclass(frozen=True)
+class IdentityFiles:
+    """Whose key signs our manifests, and the CA (and CRL) that must vouch for our peers'.
+    Defaults to the [broker.tls] files when only those are given."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
@@ -67,6 +78,7 @@ class SiteConfig:
     hardware_profile: str = "auto"
     dicom: DicomSources = field(default_factory=DicomSources)
     source: str = ""
+    identity: IdentityFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class CoordinatorConfig:
     broker: BrokerConfig
     coordinator_id: str = "coordinator"
     source: str = ""
+    identity: IdentityFiles | None = None
 
 
 # ---------------------------------------------------------------------------- checked reads
@@ -89,13 +102,7 @@ def _broker(file: str, r: _Reader | None, base: Path) -> BrokerConfig:
     t = r.sub("tls")
     if t is not None:
         t.reject_unknown({"ca", "cert", "key"})
-        files = {}
-        for name in ("ca", "cert", "key"):
-            p = _path(base, t.get(name, str, required=True))
-            if not p.is_file():
-                raise t.fail(name, f"file {p} does not exist")
-            files[name] = p
-        tls = TLSFiles(**files)
+        tls = TLSFiles(**_files(t, ("ca", "cert", "key"), base))
     return BrokerConfig(
         host=r.get("host", str, "127.0.0.1"),
         port=r.number("port", 1883, lo=1, hi=65535, integer=True),
@@ -103,6 +110,30 @@ def _broker(file: str, r: _Reader | None, base: Path) -> BrokerConfig:
         protocol=r.choice("protocol", MQTT_PROTOCOLS, "auto"),
         tls=tls,
     )
+
+
+def _files(r: _Reader, names: tuple[str, ...], base: Path, required: bool = True
+           ) -> dict[str, Path]:
+    files = {}
+    for name in names:
+        value = r.get(name, str, ... if required else None)
+        if value is None:
+            continue
+        p = _path(base, value)
+        if not p.is_file():
+            raise r.fail(name, f"file {p} does not exist")
+        files[name] = p
+    return files
+
+
+def _identity(r: _Reader | None, base: Path) -> IdentityFiles | None:
+    """[identity]: ca, cert, key (and crl). Without it the TLS client identity signs
+    (`Trust.load`)."""
+    if r is None:
+        return None
+    r.reject_unknown({"ca", "cert", "key", "crl"})
+    return IdentityFiles(**_files(r, ("ca", "cert", "key"), base),
+                         **_files(r, ("crl",), base, required=False))
 
 
 def _hardware_profile_name(s: _Reader) -> str:
@@ -120,7 +151,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     file = str(path)
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
-    top.reject_unknown({"site", "broker", "data", "dicom"})
+    top.reject_unknown({"site", "broker", "data", "dicom", "identity"})
     s = top.sub("site", required=True)
     s.reject_unknown({"id", "federation", "state_dir", "hardware_profile"})
     base = path.parent
@@ -146,6 +177,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         federation=s.pattern("federation", FEDERATION_ID_PATTERN, "federation id", ...),
         state_dir=_path(base, s.get("state_dir", str, required=True)),
         broker=_broker(file, top.sub("broker"), base),
+        identity=_identity(top.sub("identity"), base),
         data=data,
         hardware_profile=_hardware_profile_name(s),
         dicom=_dicom(top.sub("dicom"), base),
@@ -185,12 +217,13 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     path = Path(path)
     file = str(path)
     top = _Reader(file, _read_toml(path), "")
-    top.reject_unknown({"coordinator", "broker"})
+    top.reject_unknown({"coordinator", "broker", "identity"})
     c = top.sub("coordinator", required=True)
     c.reject_unknown({"state_dir", "id"})
     return CoordinatorConfig(
         state_dir=_path(path.parent, c.get("state_dir", str, required=True)),
         broker=_broker(file, top.sub("broker"), path.parent),
+        identity=_identity(top.sub("identity"), path.parent),
         coordinator_id=c.pattern("id", SITE_ID_PATTERN, "coordinator id", "coordinator"),
         source=file,
     )

@@ -31,7 +31,7 @@ from agent.federation import topics
 from agent.federation.aggregate import FedAvgAccumulator
 from agent.federation.codec import UpdateStream
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
-from agent.federation.peer import BodyReady, Peer, StatusSeen
+from agent.federation.peer import BodyReady, Peer, StatusSeen, Trust
 from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
@@ -116,7 +116,8 @@ class Coordinator:
             subscriptions=topics.coordinator_subscriptions(self.fed))
         max_body = max(self.layout.size * 4, (len(self.columns) + self._image_voxels()) * 3 * 8)
         self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
-                         accept=self._accept)
+                         accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
+                                                     "coordinator"))
 
     # ------------------------------------------------------------------ checkpoint
 

@@ -17,16 +17,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import BrokerError, ProtocolError
+from agent.config import IdentityFiles, TLSFiles
+from agent.errors import BrokerError, ConfigError, ProtocolError
 from agent.federation import envelope, topics
 from agent.federation.envelope import Manifest, MessageKind
 from agent.federation.reassembly import Reassembler, Sink
 from agent.federation.transport import Transport
+from agent.security.signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
 
 RESEND_AFTER_S = 2.0
 PUBLISH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Our signing identity and the federation CA that must vouch for every peer."""
+
+    signer: Signer
+    verifier: Verifier
+
+    @classmethod
+    def load(cls, files: IdentityFiles | None, tls: TLSFiles | None, identity: str
+             ) -> Trust | None:
+        """From the config's [identity], else its TLS client identity (neither: unsigned, the
+        demo without a PKI); the certificate must be this process's own identity."""
+        if files is None and tls is not None:
+            files = IdentityFiles(tls.ca, tls.cert, tls.key)
+        if files is None:
+            return None
+        signer = Signer(files.cert, files.key)
+        if signer.name != identity:
+            raise ConfigError(str(files.cert), "identity", f"certificate is for {signer.name!r}, "
+                                                           f"this process is {identity!r}")
+        return cls(signer, Verifier(files.ca, files.crl))
 
 
 @dataclass(frozen=True)
@@ -52,12 +77,17 @@ class _Outgoing:
 
 class Peer:
     def __init__(self, transport: Transport, federation: str, identity: str, *,
-                 max_body: int, accept: Callable[[topics.Topic], bool]) -> None:
+                 max_body: int, accept: Callable[[topics.Topic], bool],
+                 trust: Trust | None = None) -> None:
         self.transport = transport
         self.federation = federation
         self.identity = identity
         self.max_body = max_body
         self.accept = accept
+        self.trust = trust
+        if trust is None:
+            log.warning("manifests are neither signed nor checked: anyone who can publish on "
+                        "the broker can forge bodies; only for the local demo ([identity])")
         self.reassembler = Reassembler()
         # The role may stream some bodies instead of receiving them whole: called once per
         # new manifest, it returns a Sink (or None to buffer); a ProtocolError refuses the body.
@@ -75,7 +105,10 @@ class Peer:
         """Publish manifest then chunks, wait for every acknowledgement; returns bytes sent."""
         self._outgoing[(manifest.round, manifest.body_digest)] = _Outgoing(
             manifest, body, chunk_topic, expiry_s)
-        head = envelope.encode(manifest.header())
+        header = manifest.header()
+        if self.trust is not None:
+            header = self.trust.signer.sign(header)
+        head = envelope.encode(header)
         infos = [self.transport.publish(manifest_topic, head, retain=retain_manifest)]
         sent = len(head)
         for index, payload in envelope.iter_chunks(manifest, body):
@@ -170,6 +203,9 @@ class Peer:
         if env.kind is MessageKind.MANIFEST:
             if topic.kind not in ("manifest", "control") or env.body:
                 raise ProtocolError("kind_topic_mismatch")
+            if self.trust is not None:  # before the manifest is used for anything
+                self.trust.verifier.verify(header, sender=topic.sender, role=(
+                    "coordinator" if topic.sender == "coordinator" else "site"))
             manifest = envelope.parse_manifest(header, max_body=self.max_body)
             if topic.round is not None and manifest.round != topic.round:
                 raise ProtocolError("round_topic_mismatch")

@@ -28,7 +28,7 @@ from agent.errors import DataError, FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.codec import encode_update, kept_count, rounding_seed
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
-from agent.federation.peer import BodyReady, Peer
+from agent.federation.peer import BodyReady, Peer, Trust
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import EncodedTable, load_table
 from agent.learn import metrics
@@ -137,7 +137,8 @@ class Site:
                                      reason="connection_lost")),
             subscriptions=topics.site_subscriptions(self.fed, self.site_id))
         self.peer = Peer(self.transport, self.fed, self.site_id, max_body=MAX_TASK_BYTES,
-                         accept=self._accept)
+                         accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
+                                                     self.site_id))
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,0 +1,139 @@
+"""Signed manifests: who sent a body is proven by the sender's key, not by where it came from.
+
+A manifest names its body completely (every chunk's SHA-256 and the whole body's), so signing
+the manifest signs the body. The sender adds two header fields: `cert` (its certificate, DER,
+base64) and `sig` (ECDSA P-256 over SHA-256 of the canonical header: sorted-key compact JSON
+of every field but `sig`). The receiver checks, before the manifest is used at all:
+
+- the certificate was issued by the federation CA, is within its validity, is not on the CRL;
+- its common name is the sender the topic names, and its role (the certificate's OU) is the
+  topic's: `coordinator` for coordinator topics, `site` for a site's;
+- the signature verifies.
+
+The federation, round and freshness (a nonce never seen for that round) are then checked by
+the roles as before; since they are inside the signed header, neither a broker nor anyone on
+the network can change them. Certificates already verified are cached by their bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.errors import ConfigError, ProtocolError
+
+MAX_CERT_B64 = 4096  # a P-256 certificate is ~600 bytes; anything far larger is refused
+
+
+def canonical(header: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: every header field but `sig`, sorted, compact."""
+    return json.dumps({k: v for k, v in header.items() if k != "sig"}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=False).encode()
+
+
+class Signer:
+    """This process's identity: the key that signs its manifests and the certificate sent
+    with them (the same files as its TLS client identity)."""
+
+    def __init__(self, cert_path: Path, key_path: Path) -> None:
+        try:
+            cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(cert_path), "identity", f"cannot load certificate and key: "
+                                                          f"{exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(str(key_path), "identity", "not an EC private key")
+        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+            raise ConfigError(str(cert_path), "identity", "certificate and key do not match")
+        self.key = key
+        self.name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        self.cert_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+    def sign(self, header: dict[str, Any]) -> dict[str, Any]:
+        signed = {**header, "cert": self.cert_b64}
+        sig = self.key.sign(canonical(signed), ec.ECDSA(hashes.SHA256()))
+        signed["sig"] = base64.b64encode(sig).decode()
+        return signed
+
+
+@dataclass(frozen=True)
+class _Known:
+    name: str
+    role: str
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    public_key: ec.EllipticCurvePublicKey
+
+
+class Verifier:
+    """Trust in the federation CA (and its CRL): checks the signature on a manifest header."""
+
+    def __init__(self, ca_path: Path, crl_path: Path | None = None) -> None:
+        try:
+            self.ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+            crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes()) if crl_path else None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(ca_path), "identity", f"cannot load CA / CRL: {exc}") from None
+        if crl is not None and not crl.is_signature_valid(self.ca.public_key()):
+            raise ConfigError(str(crl_path), "identity", "CRL not signed by the federation CA")
+        self.revoked = {r.serial_number for r in crl} if crl is not None else set()
+        self._known: dict[bytes, _Known] = {}
+
+    def verify(self, header: dict[str, Any], *, sender: str, role: str,
+               now: dt.datetime | None = None) -> None:
+        cert_b64, sig_b64 = header.get("cert"), header.get("sig")
+        if not isinstance(cert_b64, str) or not isinstance(sig_b64, str):
+            raise ProtocolError("unsigned", "manifest carries no signature")
+        if len(cert_b64) > MAX_CERT_B64 or len(sig_b64) > 256:
+            raise ProtocolError("bad_signature", "signature fields too large")
+        known = self._signer(cert_b64)
+        moment = now or dt.datetime.now(dt.timezone.utc)
+        if not known.not_before <= moment <= known.not_after:
+            raise ProtocolError("signer_expired", known.name)
+        if known.serial in self.revoked:
+            raise ProtocolError("signer_revoked", known.name)
+        if known.name != sender or known.role != role:
+            raise ProtocolError("signer_mismatch", f"signed by {known.role} {known.name!r}, "
+                                                   f"sent as {role} {sender!r}")
+        try:
+            known.public_key.verify(base64.b64decode(sig_b64, validate=True), canonical(header),
+                                    ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, binascii.Error, ValueError, TypeError):
+            raise ProtocolError("bad_signature", known.name) from None
+
+    def _signer(self, cert_b64: str) -> _Known:
+        key = hashlib.sha256(cert_b64.encode()).digest()
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        try:
+            cert = x509.load_der_x509_certificate(base64.b64decode(cert_b64, validate=True))
+            cert.verify_directly_issued_by(self.ca)
+            name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            role = cert.subject.get_attributes_for_oid(
+                NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value
+            public_key = cert.public_key()
+        except (InvalidSignature, binascii.Error, ValueError, TypeError, IndexError):
+            raise ProtocolError("untrusted_signer", "certificate not issued by the "
+                                                    "federation CA") from None
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ProtocolError("untrusted_signer", "not an EC key")
+        known = _Known(str(name), str(role), cert.serial_number, cert.not_valid_before_utc,
+                       cert.not_valid_after_utc, public_key)
+        if len(self._known) < 10_000:  # a bound, though only CA-issued certificates get here
+            self._known[key] = known
+        return known
