@@ -17,24 +17,29 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from tomli_w import dumps
 
-from agent.config import BrokerConfig, CoordinatorConfig, FeatureSpec, Plan
+from agent.config import BrokerConfig, CoordinatorConfig, FeatureSpec, IdentityFiles, Plan
 from agent.config.site import TLSFiles
 from agent.federation.coordinator import Coordinator
 
 
 def write_site_config(directory: Path, site: str, federation: str, port: int, table: Path,
-                      holdout: float = 0.2, tls: dict[str, str] | None = None) -> Path:
-    """`tls`: {"ca": ..., "cert": ..., "key": ...} for a broker that wants certificates."""
+                      holdout: float = 0.2, tls: dict[str, str] | None = None,
+                      identity: dict[str, str] | None = None) -> Path:
+    """`tls`: {"ca": ..., "cert": ..., "key": ...} for a broker that wants certificates;
+    `identity`: the same keys for signing without TLS."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = directory / f"{site}.toml"
     broker: dict[str, Any] = {"host": "127.0.0.1", "port": port}
     if tls is not None:
         broker["tls"] = tls
-    cfg.write_text(dumps({
+    doc = {
         "site": {"id": site, "federation": federation, "state_dir": str(directory / site)},
         "broker": broker,
         "data": {"table": str(table), "holdout_fraction": holdout},
-    }))
+    }
+    if identity is not None:
+        doc["identity"] = identity
+    cfg.write_text(dumps(doc))
     return cfg
 
 
@@ -62,9 +67,10 @@ def kill_leftovers() -> None:
 class CoordinatorThread:
     def __init__(self, plan: Plan, port: int, state_dir: Path,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 tls: TLSFiles | None = None) -> None:
+                 tls: TLSFiles | None = None, identity: IdentityFiles | None = None) -> None:
         self.coordinator = Coordinator(
-            CoordinatorConfig(state_dir=state_dir, broker=BrokerConfig(port=port, tls=tls)),
+            CoordinatorConfig(state_dir=state_dir, broker=BrokerConfig(port=port, tls=tls),
+                              identity=identity),
             plan, on_round=on_round)
         self.final: dict[str, Any] | None = None
         self.error: BaseException | None = None
