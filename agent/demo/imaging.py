@@ -22,7 +22,15 @@ from tomli_w import dumps as dumps_toml
 
 from agent.config import ImagingSpec, ModelSpec, Plan, TrainingSpec
 from agent.demo import cohort, ct
-from agent.demo.run import DemoFiles, coordinator_for, demo_plan, start_sites, wait_sites
+from agent.demo.run import (
+    DemoFiles,
+    coordinator_for,
+    demo_plan,
+    identity_table,
+    make_demo_pki,
+    start_sites,
+    wait_sites,
+)
 from agent.federation.broker import LocalMosquitto
 from agent.ingest.pipeline import IngestPipeline
 
@@ -77,6 +85,7 @@ def _write_site_configs(out: Path, names: list[str], port: int, plan: Plan) -> N
             "broker": {"host": "127.0.0.1", "port": port},
             "data": {"table": "clinical.csv", "id_column": "patient_id",
                      "holdout_fraction": 0.2, "split_seed": 0},
+            "identity": identity_table(out, name),
         }))
 
 
@@ -119,6 +128,7 @@ def run_imaging_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[s
         print(f"  {p.name}: {json.dumps(ingest[p.name])}", flush=True)
 
     tables_plan, fused_plan = imaging_plans([p.name for p in profiles], rounds, seed)
+    make_demo_pki(out, [p.name for p in profiles])  # one CA for both federations
     results = {}
     with LocalMosquitto(out / "broker") as broker:
         for label, plan in (("tables", tables_plan), ("tables+CT", fused_plan)):

@@ -29,6 +29,7 @@ from agent.config import (
     BrokerConfig,
     CompressionSpec,
     CoordinatorConfig,
+    IdentityFiles,
     ModelSpec,
     Plan,
     TrainingSpec,
@@ -43,6 +44,7 @@ from agent.learn import metrics
 from agent.learn.modelfile import load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
+from agent.security.pki import PKI
 
 # `fedsilo demo` trains a small MLP and sends int8 codes of the top 5 % of each update (with
 # error feedback): 20x fewer bytes than float32 at the same AUC (benchmarks/bench_compression).
@@ -68,12 +70,31 @@ def demo_plan(site_names: list[str], rounds: int, seed: int) -> Plan:
     )
 
 
+def make_demo_pki(out: Path, sites: list[str], federation: str | None = None) -> None:
+    """A fresh CA in out/pki and an identity for every hospital and the coordinator: the
+    demo's MQTT is plaintext on loopback, but every manifest is signed and checked as in
+    production."""
+    shutil.rmtree(out / "pki", ignore_errors=True)
+    pki = PKI.init(out / "pki", federation)
+    for name in sites:
+        pki.issue("site", name)
+    pki.issue("coordinator", "coordinator")
+
+
+def identity_table(out: Path, name: str) -> dict[str, str]:
+    """The [identity] of `name` in the demo's PKI: its messages are signed, its peers' checked."""
+    pki = out / "pki"
+    return {"ca": str(pki / "ca.crt"), "cert": str(pki / f"{name}.crt"),
+            "key": str(pki / f"{name}.key"), "crl": str(pki / "crl.pem")}
+
+
 def _write_site(out: Path, name: str, broker_port: int, fed: str) -> Path:
     site_dir = out / "sites" / name
     doc = {
         "site": {"id": name, "federation": fed, "state_dir": "state"},
         "broker": {"host": "127.0.0.1", "port": broker_port},
         "data": {"table": "clinical.csv", "holdout_fraction": 0.2, "split_seed": 0},
+        "identity": identity_table(out, name),
     }
     (site_dir / "site.toml").write_text(dumps_toml(doc))
     return site_dir / "site.toml"
@@ -119,6 +140,7 @@ def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
     plan = dataclasses.replace(demo_plan([p.name for p in profiles], rounds, seed),
                                **plan_changes)
     (out / "plan.toml").write_text(dumps_toml(plan_to_toml_dict(plan)))
+    make_demo_pki(out, [p.name for p in profiles], plan.federation)
     return DemoFiles(out=out, plan=plan, profiles=profiles, test_path=test_path)
 
 
@@ -155,11 +177,15 @@ def wait_sites(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: floa
 def coordinator_for(files: DemoFiles, port: int, *, state_name: str = "coordinator",
                     **kwargs: Any) -> Coordinator:
     shutil.rmtree(files.out / state_name, ignore_errors=True)  # a demo starts afresh
+    identity = identity_table(files.out, "coordinator")
     (files.out / f"{state_name}.toml").write_text(dumps_toml({
         "coordinator": {"state_dir": state_name},
-        "broker": {"host": "127.0.0.1", "port": port}}))
+        "broker": {"host": "127.0.0.1", "port": port},
+        "identity": identity}))
     config = CoordinatorConfig(state_dir=files.out / state_name,
-                               broker=BrokerConfig(port=port))
+                               broker=BrokerConfig(port=port),
+                               identity=IdentityFiles(**{k: Path(v) for k, v in
+                                                         identity.items()}))
     return Coordinator(config, files.plan, **kwargs)
 
 
@@ -170,8 +196,9 @@ def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]
     files = prepare_demo(out, sites=sites, rounds=rounds, seed=seed, model=DEMO_MODEL,
                          compression=DEMO_COMPRESSION)
     with LocalMosquitto(files.out / "broker") as broker:
-        print(f"  embedded Mosquitto on 127.0.0.1:{broker.port}; starting {sites} site "
-              "processes and the coordinator")
+        print(f"  embedded Mosquitto on 127.0.0.1:{broker.port} (plaintext, loopback only); "
+              f"starting {sites} site processes and the coordinator, each signing its "
+              f"messages with its identity from {files.out / 'pki'}")
         procs = start_sites(files, broker.port)
         coordinator = coordinator_for(files, broker.port,
                                       on_round=lambda r: _print_round(r, rounds))
