@@ -13,7 +13,13 @@ import kernels
 from agent.config import CompressionSpec
 from agent.errors import ProtocolError
 from agent.federation.aggregate import FedAvgAccumulator, fedavg
-from agent.federation.codec import UpdateStream, accumulate_update, encode_update, packed_size
+from agent.federation.codec import (
+    UpdateStream,
+    accumulate_update,
+    encode_update,
+    max_body_len,
+    packed_size,
+)
 
 K = kernels.get_backend("reference")
 F32 = np.float32
@@ -302,3 +308,14 @@ def test_updates_arriving_together_are_summed_in_one_pass_per_frame(hold_bytes, 
         assert 1 in counting.sites_per_call
     else:
         assert counting.sites_per_call == [3] * 5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["f32", "int8", "top10", "int8-top5"])
+def test_the_receivers_size_limit_admits_any_honest_update(spec):
+    """Random float32 does not compress: framing and zstd make the body a little larger than
+    4 bytes a parameter, which the limit must allow (and not much more)."""
+    for n in (1, 65_536, 200_001):
+        d = np.random.default_rng(n).standard_normal(n).astype(F32)
+        enc = encode_update(d, spec, seed=1, kernels=K, residual=np.zeros_like(d))
+        limit = max_body_len(n, spec)
+        assert len(enc.body) <= limit <= 4 * n * 1.02 + 4096

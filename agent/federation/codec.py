@@ -78,6 +78,22 @@ def packed_size(e: int, topk: bool, quantize: str, block: int) -> int:
     return size + 4 * e
 
 
+def frame_bound(e: int, topk: bool, quantize: str, block: int) -> int:
+    """Largest compressed frame accepted for e entries: zstd's worst case for the packed size
+    (incompressible data grows by a few bytes per 128 KiB block plus a header)."""
+    size = packed_size(e, topk, quantize, block)
+    return size + size // 128 + 1024
+
+
+def max_body_len(n: int, spec: CompressionSpec) -> int:
+    """The largest update body an honest site can send for n parameters (every frame
+    incompressible): the receiver's size limit, checked before anything is allocated."""
+    k = kept_count(n, spec)
+    per = frame_entries(spec.block)
+    return sum(4 + frame_bound(min(per, k - a), k < n, spec.quantize, spec.block)
+               for a in range(0, k, per))
+
+
 def encode_update(delta: np.ndarray, spec: CompressionSpec, *, seed: int, kernels: ModuleType,
                   residual: np.ndarray | None = None) -> Encoded:
     """Encode float32 `delta` (plus `residual`, when top-k keeps one) as `spec` says."""
@@ -202,11 +218,6 @@ class UpdateStream:
     def complete(self) -> bool:
         return self.frame == self.frames
 
-    def _frame_bound(self, e: int) -> int:
-        """Largest compressed frame accepted: zstd's worst case for the packed size."""
-        size = packed_size(e, self.topk, self.quantize, self.block)
-        return size + size // 128 + 1024
-
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.failed is not None:
             raise self.failed
@@ -218,7 +229,7 @@ class UpdateStream:
                     raise ProtocolError("bad_update_size", "bytes after the last frame")
                 e = min(self.per, self.k - self.frame * self.per)
                 length = int.from_bytes(self._pending[pos:pos + 4], "little")
-                if not 0 < length <= self._frame_bound(e):
+                if not 0 < length <= frame_bound(e, self.topk, self.quantize, self.block):
                     raise ProtocolError("bad_update", f"frame {self.frame} claims {length} bytes")
                 end = self._consumed + pos + 4 + length
                 last = self.frame == self.frames - 1

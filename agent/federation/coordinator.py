@@ -29,7 +29,7 @@ from agent.config import CoordinatorConfig, Plan, plan_to_toml_dict
 from agent.errors import FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.aggregate import FedAvgAccumulator
-from agent.federation.codec import UpdateStream
+from agent.federation.codec import UpdateStream, max_body_len
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
 from agent.federation.peer import BodyReady, Peer, StatusSeen, Trust
 from agent.federation.topics import Topic
@@ -114,7 +114,8 @@ class Coordinator:
                       offline_status(role="coordinator", identity=config.coordinator_id,
                                      federation=self.fed, reason="connection_lost")),
             subscriptions=topics.coordinator_subscriptions(self.fed))
-        max_body = max(self.layout.size * 4, (len(self.columns) + self._image_voxels()) * 3 * 8)
+        max_body = max(max_body_len(self.layout.size, plan.compression),
+                       (len(self.columns) + self._image_voxels()) * 3 * 8)
         self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
                          accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
                                                      "coordinator"))
