@@ -95,7 +95,7 @@ def decode(payload: bytes, *, max_body: int) -> Envelope:
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not an object")
     kind = header.get("kind")
-    if kind not in {k.value for k in MessageKind}:
+    if not isinstance(kind, str) or kind not in {k.value for k in MessageKind}:
         raise ProtocolError("unknown_kind", str(kind)[:32])
     return Envelope(header=header, body=bytes(payload[end:]))
 

@@ -110,8 +110,10 @@ class Verifier:
             raise ProtocolError("signer_mismatch", f"signed by {known.role} {known.name!r}, "
                                                    f"sent as {role} {sender!r}")
         try:
-            known.public_key.verify(base64.b64decode(sig_b64, validate=True), canonical(header),
-                                    ec.ECDSA(hashes.SHA256()))
+            sig = base64.b64decode(sig_b64, validate=True)
+            if base64.b64encode(sig).decode() != sig_b64:  # one spelling per signature
+                raise ValueError("non-canonical base64")
+            known.public_key.verify(sig, canonical(header), ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, binascii.Error, ValueError, TypeError):
             raise ProtocolError("bad_signature", known.name) from None
 
