@@ -6,12 +6,15 @@ sites' own updates."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from agent.config import IdentityFiles
 from agent.federation import envelope
+from agent.learn.modelfile import load_model
 from agent.security.pki import PKI
 from agent.security.signing import Signer
 from tests.fedharness import (
@@ -129,3 +132,85 @@ def test_forged_replayed_and_foreign_updates_are_refused_and_rounds_complete(tmp
         log = (tmp_path / f"{name}.log").read_text()
         assert "signer_mismatch" in log and "Traceback" not in log
     assert json.dumps(final)  # the record is plain JSON
+
+
+class Fuzzer:
+    """Subscribes to everything; for every genuine message it sees, publishes mutants of it on
+    the same topic (QoS 0): half of `budget` on the coordinator's topics (for the sites), half
+    on the sites' (for the coordinator), a few per message so every round gets some."""
+
+    def __init__(self, port: int, budget: int) -> None:
+        from tests.test_fuzz import mutate
+
+        self.mutate = mutate
+        self.rng = random.Random(7)
+        self.left = {"coordinator": budget // 2, "site": budget - budget // 2}
+        self.sent = 0
+        self.ours: set[bytes] = set()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzzer")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"{ROOT}/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        if not msg.payload or msg.payload in self.ours or msg.topic.endswith(
+                ("/status", "/metrics")):
+            return
+        side = "coordinator" if "/coordinator/" in msg.topic else "site"
+        for _ in range(min(60, self.left[side])):
+            bad = self.mutate(self.rng, msg.payload)
+            if bad and bad != msg.payload:
+                self.ours.add(bad)
+                self.client.publish(msg.topic, bad, qos=0)
+                self.left[side] -= 1
+                self.sent += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _signed_federation(tmp_path, port, fuzz_budget: int = 0):
+    pki = PKI.init(tmp_path / "pki", FED)
+    for name in ("north", "south"):
+        pki.issue("site", name)
+    pki.issue("coordinator", "coordinator")
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south"]
+    procs = []
+    for name, table in zip(names, tables[:2], strict=True):
+        ident = {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
+                 "key": str(pki.dir / f"{name}.key")}
+        cfg = write_site_config(tmp_path / "sites", name, FED, port, table, identity=ident)
+        procs.append(start_site(cfg, tmp_path / f"{name}.log"))
+    fuzzer = Fuzzer(port, fuzz_budget) if fuzz_budget else None
+    coord = CoordinatorThread(
+        plan_for(features, names, rounds=4), port, tmp_path / "coord",
+        identity=IdentityFiles(pki.dir / "ca.crt", pki.dir / "coordinator.crt",
+                               pki.dir / "coordinator.key"))
+    try:
+        final = coord.start().join(timeout=180)
+    finally:
+        if fuzzer is not None:
+            fuzzer.close()
+    assert stop_all(procs) == [0, 0]
+    return final, coord.coordinator, fuzzer
+
+
+def test_a_thousand_mutants_over_mqtt_change_nothing(tmp_path, mosquitto):
+    """The same federation twice: clean, and with over 1,000 mutants of its own messages
+    published on the coordinator's and the sites' topics while it runs. Every round completes
+    and the final model is the same to the bit; the mutants were refused and logged."""
+    clean, _, _ = _signed_federation(tmp_path / "clean", mosquitto.port)
+    fuzzed, coordinator, fuzzer = _signed_federation(tmp_path / "fuzzed", mosquitto.port,
+                                                     fuzz_budget=1_200)
+    assert fuzzer.sent >= 1_000
+    assert fuzzed["sites"] == clean["sites"] == ["north", "south"]
+    a = load_model(tmp_path / "clean" / "coord" / "model").params
+    b = load_model(tmp_path / "fuzzed" / "coord" / "model").params
+    assert np.array_equal(a, b)
+    assert sum(coordinator.peer.rejected.values()) >= 300, coordinator.peer.rejected
+    for name in ("north", "south"):
+        log = (tmp_path / "fuzzed" / f"{name}.log").read_text()
+        assert "dropped message" in log and "Traceback" not in log
