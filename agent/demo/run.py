@@ -88,14 +88,15 @@ def identity_table(out: Path, name: str) -> dict[str, str]:
             "key": str(pki / f"{name}.key"), "crl": str(pki / "crl.pem")}
 
 
-def _write_site(out: Path, name: str, broker_port: int, fed: str) -> Path:
+def _write_site(out: Path, name: str, broker_port: int, fed: str, signed: bool = True) -> Path:
     site_dir = out / "sites" / name
-    doc = {
+    doc: dict[str, Any] = {
         "site": {"id": name, "federation": fed, "state_dir": "state"},
         "broker": {"host": "127.0.0.1", "port": broker_port},
         "data": {"table": "clinical.csv", "holdout_fraction": 0.2, "split_seed": 0},
-        "identity": identity_table(out, name),
     }
+    if signed:
+        doc["identity"] = identity_table(out, name)
     (site_dir / "site.toml").write_text(dumps_toml(doc))
     return site_dir / "site.toml"
 
@@ -145,14 +146,16 @@ def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
 
 
 def start_sites(files: DemoFiles, port: int, names: list[str] | None = None, *,
-                config_name: str | None = None) -> list[tuple[str, subprocess.Popen[bytes]]]:
+                config_name: str | None = None, signed: bool = True
+                ) -> list[tuple[str, subprocess.Popen[bytes]]]:
     """Each hospital as its own `fedsilo site run` process, logging to its own file.
 
-    With `config_name`, each site's existing config of that name is used as written."""
+    With `config_name`, each site's existing config of that name is used as written;
+    `signed=False` leaves out the identity (benchmarks measure what signing costs)."""
     procs = []
     for name in names or [p.name for p in files.profiles]:
         if config_name is None:
-            cfg = _write_site(files.out, name, port, files.plan.federation)
+            cfg = _write_site(files.out, name, port, files.plan.federation, signed)
         else:
             cfg = files.out / "sites" / name / config_name
         with open(cfg.with_suffix(".log"), "wb") as log:
@@ -175,17 +178,18 @@ def wait_sites(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: floa
 
 
 def coordinator_for(files: DemoFiles, port: int, *, state_name: str = "coordinator",
-                    **kwargs: Any) -> Coordinator:
+                    signed: bool = True, **kwargs: Any) -> Coordinator:
     shutil.rmtree(files.out / state_name, ignore_errors=True)  # a demo starts afresh
-    identity = identity_table(files.out, "coordinator")
-    (files.out / f"{state_name}.toml").write_text(dumps_toml({
-        "coordinator": {"state_dir": state_name},
-        "broker": {"host": "127.0.0.1", "port": port},
-        "identity": identity}))
-    config = CoordinatorConfig(state_dir=files.out / state_name,
-                               broker=BrokerConfig(port=port),
-                               identity=IdentityFiles(**{k: Path(v) for k, v in
-                                                         identity.items()}))
+    identity = identity_table(files.out, "coordinator") if signed else None
+    doc: dict[str, Any] = {"coordinator": {"state_dir": state_name},
+                           "broker": {"host": "127.0.0.1", "port": port}}
+    if identity is not None:
+        doc["identity"] = identity
+    (files.out / f"{state_name}.toml").write_text(dumps_toml(doc))
+    config = CoordinatorConfig(
+        state_dir=files.out / state_name, broker=BrokerConfig(port=port),
+        identity=IdentityFiles(**{k: Path(v) for k, v in identity.items()}) if identity
+        else None)
     return Coordinator(config, files.plan, **kwargs)
 
 
