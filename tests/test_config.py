@@ -96,6 +96,16 @@ def test_site_config_resolves_paths_relative_to_the_file(tmp_path):
     assert cfg.broker.port == 1883 and cfg.broker.tls is None
 
 
+def test_identity_table_names_the_signing_files(tmp_path):
+    for name in ("ca.crt", "me.crt", "me.key", "crl.pem"):
+        (tmp_path / name).write_text("x")
+    cfg = load_site_config(write(tmp_path, SITE + '\n[identity]\nca = "ca.crt"\ncert = '
+                                 '"me.crt"\nkey = "me.key"\ncrl = "crl.pem"\n'))
+    assert cfg.identity is not None and cfg.identity.crl == tmp_path / "crl.pem"
+    assert cfg.identity.cert == tmp_path / "me.crt"
+    assert load_site_config(write(tmp_path, SITE)).identity is None
+
+
 def test_coordinator_config(tmp_path):
     cfg = load_coordinator_config(write(tmp_path, '[coordinator]\nstate_dir = "/var/x"\n'))
     assert str(cfg.state_dir) == "/var/x"
@@ -145,6 +155,10 @@ def test_plan_errors_name_key_and_problem(tmp_path, text, key, problem):
          ".csv or .parquet"),
         (SITE + '\n[broker.tls]\nca = "missing-ca.crt"\ncert = "c"\nkey = "k"\n', "broker.tls.ca",
          "does not exist"),
+        (SITE + '\n[identity]\nca = "missing-ca.crt"\ncert = "c"\nkey = "k"\n', "identity.ca",
+         "does not exist"),
+        (SITE + '\n[identity]\nkey = "k"\n', "identity.ca", "required"),
+        (SITE + '\n[identity]\nsecret = "s"\n', "identity.secret", "unknown"),
     ],
 )
 def test_site_config_errors(tmp_path, text, key, problem):
