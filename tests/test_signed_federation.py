@@ -88,40 +88,22 @@ class Attacker:
 
 def test_forged_replayed_and_foreign_updates_are_refused_and_rounds_complete(tmp_path,
                                                                              mosquitto):
-    pki = PKI.init(tmp_path / "pki", FED)
-    for name in ("north", "south"):
-        pki.issue("site", name)
-    pki.issue("coordinator", "coordinator")
-    other = PKI.init(tmp_path / "other", FED)
-    other.issue("site", "north")
-    tables, _test, features = breast_cancer_sites(tmp_path / "data")
-    names = ["north", "south"]
-    procs = []
-    for name, table in zip(names, tables[:2], strict=True):
-        ident = {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
-                 "key": str(pki.dir / f"{name}.key")}
-        cfg = write_site_config(tmp_path / "sites", name, FED, mosquitto.port, table,
-                                identity=ident)
-        procs.append(start_site(cfg, tmp_path / f"{name}.log"))
-    attacker = Attacker(mosquitto.port, Signer(pki.dir / "north.crt", pki.dir / "north.key"),
+    def attacker(pki: PKI) -> Attacker:
+        other = PKI.init(tmp_path / "other", FED)
+        other.issue("site", "north")
+        return Attacker(mosquitto.port, Signer(pki.dir / "north.crt", pki.dir / "north.key"),
                         Signer(other.dir / "north.crt", other.dir / "north.key"))
+
     rounds = []
-    coord = CoordinatorThread(
-        plan_for(features, names, rounds=4), mosquitto.port, tmp_path / "coord",
-        on_round=rounds.append,
-        identity=IdentityFiles(pki.dir / "ca.crt", pki.dir / "coordinator.crt",
-                               pki.dir / "coordinator.key", pki.dir / "crl.pem"))
-    try:
-        final = coord.start().join(timeout=120)
-    finally:
-        attacker.close()
-    assert stop_all(procs) == [0, 0]
+    final, coordinator, attack = signed_federation(tmp_path, mosquitto.port, attacker,
+                                                   on_round=rounds.append)
+    names = ["north", "south"]
     assert final["sites"] == names
     assert [r["sites"] for r in rounds] == [names] * 4
     # the honest north's weight was counted, not the inflated one
     assert all(r["per_site"]["north"]["n_samples"] < 1000 for r in rounds)
-    assert len(attacker.attacked) >= 2
-    rejected = coord.coordinator.peer.rejected
+    assert len(attack.attacked) >= 2
+    rejected = coordinator.peer.rejected
     # Each kind of forgery was refused for its own reason (a forgery that arrives after its
     # round closed is refused as off-round instead, so counts depend on timing). The replay
     # carries north's genuine signature: it is refused because it names another round.
@@ -171,7 +153,9 @@ class Fuzzer:
         self.client.disconnect()
 
 
-def _signed_federation(tmp_path, port, fuzz_budget: int = 0):
+def signed_federation(tmp_path, port, adversary=None, on_round=None):
+    """Two sites and the coordinator with signing identities, 4 rounds, on a broker anyone may
+    publish to; `adversary(pki)` starts something that runs beside them until the end."""
     pki = PKI.init(tmp_path / "pki", FED)
     for name in ("north", "south"):
         pki.issue("site", name)
@@ -184,27 +168,27 @@ def _signed_federation(tmp_path, port, fuzz_budget: int = 0):
                  "key": str(pki.dir / f"{name}.key")}
         cfg = write_site_config(tmp_path / "sites", name, FED, port, table, identity=ident)
         procs.append(start_site(cfg, tmp_path / f"{name}.log"))
-    fuzzer = Fuzzer(port, fuzz_budget) if fuzz_budget else None
+    running = adversary(pki) if adversary is not None else None
     coord = CoordinatorThread(
-        plan_for(features, names, rounds=4), port, tmp_path / "coord",
+        plan_for(features, names, rounds=4), port, tmp_path / "coord", on_round=on_round,
         identity=IdentityFiles(pki.dir / "ca.crt", pki.dir / "coordinator.crt",
-                               pki.dir / "coordinator.key"))
+                               pki.dir / "coordinator.key", pki.dir / "crl.pem"))
     try:
         final = coord.start().join(timeout=180)
     finally:
-        if fuzzer is not None:
-            fuzzer.close()
+        if running is not None:
+            running.close()
     assert stop_all(procs) == [0, 0]
-    return final, coord.coordinator, fuzzer
+    return final, coord.coordinator, running
 
 
 def test_a_thousand_mutants_over_mqtt_change_nothing(tmp_path, mosquitto):
     """The same federation twice: clean, and with over 1,000 mutants of its own messages
     published on the coordinator's and the sites' topics while it runs. Every round completes
     and the final model is the same to the bit; the mutants were refused and logged."""
-    clean, _, _ = _signed_federation(tmp_path / "clean", mosquitto.port)
-    fuzzed, coordinator, fuzzer = _signed_federation(tmp_path / "fuzzed", mosquitto.port,
-                                                     fuzz_budget=1_200)
+    clean, _, _ = signed_federation(tmp_path / "clean", mosquitto.port)
+    fuzzed, coordinator, fuzzer = signed_federation(
+        tmp_path / "fuzzed", mosquitto.port, lambda _pki: Fuzzer(mosquitto.port, 1_200))
     assert fuzzer.sent >= 1_000
     assert fuzzed["sites"] == clean["sites"] == ["north", "south"]
     a = load_model(tmp_path / "clean" / "coord" / "model").params
