@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import IdentityFiles, TLSFiles
 from agent.errors import BrokerError, ConfigError, ProtocolError
@@ -23,7 +23,9 @@ from agent.federation import envelope, topics
 from agent.federation.envelope import Manifest, MessageKind
 from agent.federation.reassembly import Reassembler, Sink
 from agent.federation.transport import Transport
-from agent.security.signing import Signer, Verifier
+
+if TYPE_CHECKING:  # cryptography is imported only when a process has an identity
+    from agent.security.signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Trust:
             files = IdentityFiles(tls.ca, tls.cert, tls.key)
         if files is None:
             return None
+        from agent.security.signing import Signer, Verifier
+
         signer = Signer(files.cert, files.key)
         if signer.name != identity:
             raise ConfigError(str(files.cert), "identity", f"certificate is for {signer.name!r}, "
