@@ -39,6 +39,7 @@ from agent.learn.layout import Layout, build_layout, init_params
 from agent.learn.modelfile import SavedModel, save_model
 from agent.learn.standardize import Moments, MomentsStream, image_standardizer, standardizer
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
+from agent.ops.sdnotify import Notifier
 from agent.ops.status import State, encode_status, offline_status, status_document
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Coordinator:
         self.plan_doc = plan_to_toml_dict(plan)
         self.digest = plan_digest(plan)
         self.stop_event = threading.Event()
+        self.notifier = Notifier()
         self.current_round = 0
         self.state = State.STARTING
         self.site_status: dict[str, dict[str, Any]] = {}
@@ -182,6 +184,7 @@ class Coordinator:
         return topic.kind in ("status", "req")
 
     def _publish_status(self, extra: dict[str, Any] | None = None) -> None:
+        self.notifier.status(f"{self.state.value}, round {self.current_round}")
         doc = status_document(role="coordinator", identity=self.config.coordinator_id,
                               federation=self.fed, state=self.state, round=self.current_round,
                               last_error=self.last_error,
@@ -219,6 +222,7 @@ class Coordinator:
         while True:
             if self.stop_event.is_set():
                 raise Stopped("stop requested")
+            self.notifier.beat()
             for event in self.peer.poll(0.05):
                 if isinstance(event, StatusSeen):
                     self.site_status[event.topic.sender] = event.status
@@ -428,9 +432,13 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) the federation to the end; returns the final metrics record."""
+        self.notifier.extend_timeout(120.0)
+        self.notifier.status("starting")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_checkpoint()
         self.transport.connect()
+        self.notifier.ready(f"connected to {self.config.broker.host}:{self.config.broker.port}")
+        self.notifier.start_watchdog()
         try:
             if self.phase != "finished":
                 # A new run replaces whatever an earlier federation left retained.
@@ -449,6 +457,7 @@ class Coordinator:
                 self._publish_status()
             return final or next((h["final"] for h in self.history if "final" in h), {})
         finally:
+            self.notifier.stopping()
             self.transport.close(final=(topics.coordinator_status(self.fed), offline_status(
                 role="coordinator", identity=self.config.coordinator_id, federation=self.fed,
                 reason="stopped")) if self.state is not State.FINISHED else None)

@@ -45,6 +45,7 @@ from agent.ops.hardware import (
     load_profiles,
     select_profile,
 )
+from agent.ops.sdnotify import Notifier
 from agent.ops.status import State, encode_status, offline_status, status_document
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 
 MAX_TASK_BYTES = 256 << 20  # tightened against the model layout once issue 5 lands
 STATUS_EVERY_S = 10.0
+START_TIMEOUT_S = 120.0  # asked of systemd while starting (a cold Numba cache compiles)
+
+
+class _Stopping(Exception):
+    """A stop was requested while training: unwinds to `run`, which goes offline cleanly."""
 MIN_PATIENTS_FOR_METRICS = 10
 
 
@@ -119,6 +125,7 @@ class Site:
         self.threads = apply_profile(self.profile, facts)
         self.process_start = process_start if process_start is not None else time.time()
         self.stop_event = threading.Event()
+        self.notifier = Notifier()
         self.state = State.STARTING
         self.round: int | None = None
         self.run_id: str | None = None
@@ -170,6 +177,7 @@ class Site:
         return extra
 
     def publish_status(self) -> None:
+        self.notifier.status(f"{self.state.value}, round {self.round}")
         doc = status_document(role="site", identity=self.site_id, federation=self.fed,
                               state=self.state, round=self.round, last_error=self.last_error,
                               extra=self._status_extra())
@@ -330,7 +338,7 @@ class Site:
         result = train_local(layout, params, x[data.train], data.y[data.train],
                              plan.training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step,
-                             **self._images(data.train))
+                             step_callback=self._training_step, **self._images(data.train))
         delta = (result.params - params).astype(np.float32)
         spec = plan.compression
         residual = self._load_residual(layout.size) if kept_count(layout.size, spec) \
@@ -438,7 +446,15 @@ class Site:
         log.error("%s", message)
         self.publish_status()
 
+    def _training_step(self) -> None:
+        """After every optimizer step: alive for the watchdog; a stop request ends training."""
+        self.notifier.beat()
+        if self.stop_event.is_set():
+            raise _Stopping
+
     def run(self, *, exit_when_finished: bool = True) -> int:
+        self.notifier.extend_timeout(START_TIMEOUT_S)  # imports, state, a cold Numba cache
+        self.notifier.status("starting")
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_state()
         if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
@@ -446,9 +462,13 @@ class Site:
         self.transport.connect()
         self.state = State.IDLE
         self.publish_status()
+        self.notifier.ready(f"idle, connected to {self.config.broker.host}:"
+                            f"{self.config.broker.port}")
+        self.notifier.start_watchdog()
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                self.notifier.beat()
                 for event in self.peer.poll(0.1):
                     if isinstance(event, BodyReady) and self._handle(event):
                         self.state = State.FINISHED
@@ -460,7 +480,11 @@ class Site:
                     self.publish_status()
                     last_status = time.monotonic()
             return 0
+        except _Stopping:
+            log.info("stop requested during training: the round's work is dropped")
+            return 0
         finally:
+            self.notifier.stopping()
             anon, file_backed = resident_split_mib()
             log.info("stopping; peak RSS %.1f MiB (now %.1f MiB private, %.1f MiB file-backed "
                      "shared code)", peak_rss_mib(), anon, file_backed)

@@ -84,6 +84,7 @@ def _make_step(training: TrainingSpec, size: int,
 def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
                 training: TrainingSpec, *, seed: int, kernels: ModuleType,
                 first_step_callback: Callable[[], None] | None = None,
+                step_callback: Callable[[], None] | None = None,
                 images: np.ndarray | None = None) -> TrainResult:
     """Train from `params` on (x, y) for `training.local_epochs` epochs of shuffled batches.
 
@@ -91,7 +92,8 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
     layout and refused otherwise; each batch takes the same shuffled rows of all three.
 
     `first_step_callback` runs once right after the first optimizer step, so the daemon can
-    measure "process start to first training step" (JIT and data loading included).
+    measure "process start to first training step" (JIT and data loading included);
+    `step_callback` after every step (the daemon's watchdog beat and stop check: it may raise).
     """
     _check_inputs(layout, params, x, y, training, images)
     start = time.perf_counter()
@@ -112,6 +114,8 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
             steps += 1
             if steps == 1 and first_step_callback is not None:
                 first_step_callback()
+            if step_callback is not None:
+                step_callback()
             total += loss * idx.size
         mean_loss = total / n
     return TrainResult(params=p, n_samples=n, mean_loss=mean_loss, steps=steps,
