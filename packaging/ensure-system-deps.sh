@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
-# MQTT broker) and dcmtk (storescu/storescp, the real DICOM peers). Installs the Debian packages
+# MQTT broker), dcmtk (storescu/storescp, the real DICOM peers) and systemd-analyze (the unit
+# checks). Installs the Debian packages
 # when missing and running as root; otherwise says exactly what to install.
 set -euo pipefail
 missing=()
@@ -9,6 +10,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 if ! command -v storescu >/dev/null 2>&1; then
     missing+=(dcmtk)
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    missing+=(systemd)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
