@@ -6,7 +6,10 @@
 set -euo pipefail
 missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    missing+=(mosquitto mosquitto-clients)
+    missing+=(mosquitto)
+fi
+if ! command -v mosquitto_sub >/dev/null 2>&1; then
+    missing+=(mosquitto-clients)
 fi
 if ! command -v storescu >/dev/null 2>&1; then
     missing+=(dcmtk)

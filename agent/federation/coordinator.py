@@ -40,7 +40,7 @@ from agent.learn.modelfile import SavedModel, save_model
 from agent.learn.standardize import Moments, MomentsStream, image_standardizer, standardizer
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
 from agent.ops.sdnotify import Notifier
-from agent.ops.status import State, encode_status, offline_status, status_document
+from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Coordinator:
         self.digest = plan_digest(plan)
         self.stop_event = threading.Event()
         self.notifier = Notifier()
+        self.last_round_ok_ts: float | None = None  # when the last round closed
         self.current_round = 0
         self.state = State.STARTING
         self.site_status: dict[str, dict[str, Any]] = {}
@@ -191,7 +192,10 @@ class Coordinator:
                               extra={"rounds_total": self.plan.rounds, "run": self.run_id,
                                      "rejected_messages": sum(self.peer.rejected.values()),
                                      "cert_days_left": self.transport.cert_days_left(),
-                                     **(extra or {})})
+                                     "bytes_sent": self.peer.bytes_sent,
+                                     "last_round_ok_ts": self.last_round_ok_ts,
+                                     "throttled": False,
+                                     **host_vitals(self.state_dir), **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
                                retain=True)
 
@@ -374,6 +378,7 @@ class Coordinator:
             "partial": acc.partial(),
         }
         self.history.append(record)
+        self.last_round_ok_ts = round(time.time(), 3)
         self._save_checkpoint()
         ev = record["eval_before"]
         log.info("round %d/%d closed: %d sites, %d samples, train loss %.4f, held-out AUC of the "

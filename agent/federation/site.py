@@ -46,7 +46,7 @@ from agent.ops.hardware import (
     select_profile,
 )
 from agent.ops.sdnotify import Notifier
-from agent.ops.status import State, encode_status, offline_status, status_document
+from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
 
 if TYPE_CHECKING:
     from agent.ingest.service import IngestService
@@ -126,6 +126,7 @@ class Site:
         self.process_start = process_start if process_start is not None else time.time()
         self.stop_event = threading.Event()
         self.notifier = Notifier()
+        self.last_round_ok_ts: float | None = None  # when this site last sent an update
         self.state = State.STARTING
         self.round: int | None = None
         self.run_id: str | None = None
@@ -172,6 +173,9 @@ class Site:
             extra.update(self.ingest.status_extra())
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         extra["cert_days_left"] = self.transport.cert_days_left()
+        extra["last_round_ok_ts"] = self.last_round_ok_ts
+        extra["throttled"] = False  # hardware profiles do not throttle training yet
+        extra.update(host_vitals(self.config.state_dir))
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
         return extra
@@ -348,6 +352,7 @@ class Site:
         report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
         self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta})
+        self.last_round_ok_ts = round(time.time(), 3)
         if encoded.residual is not None:
             # Kept only once the update is out: a crash before this re-answers the round
             # from the old residual, so nothing is counted twice.

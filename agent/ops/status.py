@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import enum
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
 
-STATUS_SCHEMA_VERSION = 1
+STATUS_SCHEMA_VERSION = 2  # docs/status.schema.json; 2: host vitals, last round, throttled
 
 
 class State(str, enum.Enum):
@@ -46,6 +48,39 @@ def status_document(*, role: str, identity: str, federation: str, state: State,
     for k, v in (extra or {}).items():
         doc.setdefault(k, v)
     return doc
+
+
+def host_vitals(state_dir: Path) -> dict[str, Any]:
+    """What IT watches on any host: CPU, memory, this process, disk free where the agent keeps
+    its state, and the GPU when NVML is there (null otherwise). Never raises."""
+    import psutil
+
+    doc: dict[str, Any] = {"cpu_percent": None, "memory_percent": None, "rss_mib": None,
+                           "disk_free_gib": None, "gpu_util_percent": None,
+                           "gpu_memory_used_mib": None}
+    try:
+        doc["cpu_percent"] = psutil.cpu_percent(interval=None)
+        doc["memory_percent"] = psutil.virtual_memory().percent
+        doc["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+        doc["disk_free_gib"] = round(shutil.disk_usage(state_dir).free / 2**30, 2)
+    except (OSError, psutil.Error):
+        pass
+    doc.update(_gpu_vitals())
+    return doc
+
+
+def _gpu_vitals() -> dict[str, Any]:
+    try:
+        import pynvml  # nvidia-ml-py, present where a GPU driver stack is installed
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return {"gpu_util_percent": float(util.gpu),
+                "gpu_memory_used_mib": round(mem.used / 2**20, 1)}
+    except Exception:  # noqa: BLE001 - no NVML, no GPU, or a driver problem: not our failure
+        return {}
 
 
 def round_ts(t: float) -> float:
