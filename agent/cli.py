@@ -153,6 +153,37 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.config import BrokerConfig
+    from agent.config.site import TLSFiles
+    from agent.ops.statuscli import collect, table
+
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError("fedsilo status", "--broker", f"{args.broker!r} is not HOST:PORT")
+    tls = None
+    given = [args.ca, args.cert, args.key]
+    if any(given):
+        if not all(given):
+            raise ConfigError("fedsilo status", "--ca/--cert/--key", "give all three or none")
+        for flag, path in zip(("--ca", "--cert", "--key"), given, strict=True):
+            if not Path(path).is_file():
+                raise ConfigError("fedsilo status", flag, f"file {path} does not exist")
+        tls = TLSFiles(Path(args.ca), Path(args.cert), Path(args.key))
+    broker = BrokerConfig(host=host, port=int(port), tls=tls)
+    while True:
+        snapshot = collect(broker)
+        if args.json:
+            print(json.dumps(snapshot, sort_keys=True))
+        else:
+            print(table(snapshot), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
 def _cmd_warm_cache(args: argparse.Namespace) -> int:
     from agent.ingest import dicom_native
     from agent.learn.warm import warm_kernels
@@ -334,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="name or IP clients use to reach the broker (repeatable; default "
                          "localhost and 127.0.0.1)")
     bc.set_defaults(func=_cmd_broker_config)
+
+    st = sub.add_parser("status", help="every site and coordinator from the broker's retained "
+                                       "status topics")
+    st.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
+    st.add_argument("--ca", help="TLS: the federation CA certificate")
+    st.add_argument("--cert", help="TLS: a certificate to connect with (e.g. the monitor's)")
+    st.add_argument("--key", help="TLS: its key")
+    st.add_argument("--json", action="store_true", help="one JSON object per snapshot")
+    st.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                    help="refresh every SECONDS until interrupted")
+    st.set_defaults(func=_cmd_status)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -88,3 +89,19 @@ def test_mosquitto_sub_reads_status_and_metrics_of_a_running_federation(tmp_path
     assert trained and all(d["cpu_percent"] is not None for d in trained)
     assert sorted((m["site"], m["round"]) for m in metrics) == [
         (n, r) for n in names for r in (1, 2)]
+
+    # `fedsilo status`: the same retained documents, for IT's scripts and eyes
+    def fedsilo(*args):
+        return subprocess.run([sys.executable, "-m", "agent", "status", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    snap = json.loads(fedsilo("--broker", f"127.0.0.1:{mosquitto.port}", "--json").stdout)
+    fed = snap["federations"][FED]
+    assert fed["coordinator"]["state"] == "finished"
+    assert {s: d["state"] for s, d in fed["sites"].items()} == {n: "offline" for n in names}
+    for doc in [fed["coordinator"], *fed["sites"].values()]:
+        VALIDATOR.validate(doc)
+    text = fedsilo("--broker", f"127.0.0.1:{mosquitto.port}").stdout
+    assert f"federation {FED}" in text and all(n in text for n in names)
+    bad = fedsilo("--broker", "nohost")
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
