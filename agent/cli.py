@@ -184,6 +184,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from agent.ops.report import write_report
+
+    metrics = Path(args.metrics)
+    if metrics.is_dir():
+        metrics = metrics / "metrics.json"  # a coordinator state directory
+    out = write_report(metrics, Path(args.out) if args.out else metrics.with_name("report.html"))
+    print(out)
+    return 0
+
+
 def _cmd_warm_cache(args: argparse.Namespace) -> int:
     from agent.ingest import dicom_native
     from agent.learn.warm import warm_kernels
@@ -376,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                     help="refresh every SECONDS until interrupted")
     st.set_defaults(func=_cmd_status)
+
+    rep = sub.add_parser("report", help="a self-contained HTML report of a federation's rounds")
+    rep.add_argument("metrics", help="the coordinator's metrics.json (or its state directory)")
+    rep.add_argument("--out", help="HTML file to write (default: report.html beside it)")
+    rep.set_defaults(func=_cmd_report)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")

@@ -44,6 +44,7 @@ from agent.learn import metrics
 from agent.learn.modelfile import load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
+from agent.ops.report import write_report
 from agent.security.pki import PKI
 
 # `fedsilo demo` trains a small MLP and sends int8 codes of the top 5 % of each update (with
@@ -215,7 +216,9 @@ def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]
     summary = _score(files, coordinator, final)
     summary["seconds"] = time.monotonic() - t0
     (files.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = write_report(files.out / "coordinator" / "metrics.json", files.out / "report.html")
     _print_summary(summary, files.out)
+    print(f"report (open it in a browser): {report}")
     return summary
 
 
