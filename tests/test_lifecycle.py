@@ -11,6 +11,7 @@ import pytest
 
 from agent.federation import topics
 from agent.federation.coordinator import Stopped
+from agent.ops.status import STATUS_SCHEMA_VERSION
 from tests.fedharness import (
     CoordinatorThread,
     breast_cancer_sites,
@@ -52,7 +53,7 @@ def test_site_status_is_retained_and_last_will_marks_it_offline(tmp_path, mosqui
     site = start_site(cfg, tmp_path / "north.log")
     up = read_retained(mosquitto.port, topic, lambda d: d["state"] == "idle")
     assert up["id"] == "north" and up["role"] == "site" and up["federation"] == FED
-    assert up["schema"] == 1 and up["version"]
+    assert up["schema"] == STATUS_SCHEMA_VERSION and up["version"]
     site.kill()  # a crash: no clean DISCONNECT, so the broker publishes the will
     site.wait()
     down = read_retained(mosquitto.port, topic, lambda d: d["state"] == "offline")
