@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
-# MQTT broker), dcmtk (storescu/storescp, the real DICOM peers) and systemd-analyze (the unit
-# checks). Installs the Debian packages
+# MQTT broker), dcmtk (storescu/storescp, the real DICOM peers), systemd-analyze (the unit
+# checks) and chromium (the report's rendering test). Installs the Debian packages
 # when missing and running as root; otherwise says exactly what to install.
 set -euo pipefail
 missing=()
@@ -16,6 +16,9 @@ if ! command -v storescu >/dev/null 2>&1; then
 fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     missing+=(systemd)
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+    missing+=(chromium)  # renders the HTML report headless in its test
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

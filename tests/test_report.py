@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
+
+import pytest
 
 from agent.ops.report import render
 
@@ -77,3 +80,20 @@ def test_cli_writes_the_report_and_refuses_what_is_not_metrics(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not a fedsilo metrics.json" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:  # `make test` installs it: a miss is a failure
+        pytest.fail("chromium missing: `make test` installs the chromium package")
+    page = tmp_path / "report.html"
+    page.write_text(render(metrics()))
+    shot = tmp_path / "report.png"
+    run = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--hide-scrollbars", "--window-size=1000,1600", "--enable-logging=stderr",
+                          "--v=0", f"--screenshot={shot}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
+    assert console == []  # the page logs nothing: no script, no error

@@ -20,7 +20,8 @@ from agent.errors import DataError
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
            "#e377c2", "#7f7f7f", "#bcbd22")
-W, H, PAD = 640, 260, 44
+W, H, PAD = 780, 260, 44
+LEFT, LEGEND = 72, 200  # room for tick labels on the left, for the legend on the right
 
 
 def load_metrics(path: Path) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def line_chart(title: str, series: dict[str, list[tuple[int, float | None]]],
     if y1 - y0 < 1e-9:
         y0, y1 = y0 - 0.5, y1 + 0.5
     def sx(x: float) -> float:
-        return PAD + (x - x0) / (x1 - x0) * (W - 2 * PAD)
+        return LEFT + (x - x0) / (x1 - x0) * (W - LEFT - LEGEND)
 
     def sy(y: float) -> float:
         return H - PAD + (y0 - y) / (y1 - y0) * (H - 2 * PAD)
@@ -61,15 +62,16 @@ def line_chart(title: str, series: dict[str, list[tuple[int, float | None]]],
              f'role="img" aria-label="{html.escape(title)}">',
              f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">'
              f'{html.escape(title)}</text>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">round</text>',
+             f'<line x1="{LEFT}" y1="{H - PAD}" x2="{W - LEGEND}" y2="{H - PAD}" '
+             f'stroke="#333"/>',
+             f'<line x1="{LEFT}" y1="{PAD}" x2="{LEFT}" y2="{H - PAD}" stroke="#333"/>',
+             f'<text x="{(LEFT + W - LEGEND) / 2}" y="{H - 8}" text-anchor="middle">round</text>',
              f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" '
              f'text-anchor="middle">{html.escape(y_label)}</text>']
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" '
-                     f'font-size="10">{y:.3g}</text>')
+        parts.append(f'<text x="{LEFT - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{y:.4g}</text>')
     for x in sorted(set(xs))[:: max(1, len(set(xs)) // 10)]:
         parts.append(f'<text x="{sx(x):.1f}" y="{H - PAD + 14}" text-anchor="middle" '
                      f'font-size="10">{x}</text>')
@@ -78,7 +80,7 @@ def line_chart(title: str, series: dict[str, list[tuple[int, float | None]]],
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s if y is not None)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
                      f'points="{pts}"><title>{html.escape(name)}</title></polyline>')
-        parts.append(f'<text x="{W - PAD + 4}" y="{PAD + 14 * i}" fill="{color}" '
+        parts.append(f'<text x="{W - LEGEND + 10}" y="{PAD + 14 * i}" fill="{color}" '
                      f'font-size="11">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -117,7 +119,7 @@ def render(metrics: dict[str, Any]) -> str:
         ev = final.get("eval", {})
         final_rows = "".join(
             f"<tr><td>{esc(name)}</td><td>{_fmt(d.get('auc'))}</td><td>{_fmt(d.get('loss'))}"
-            f"</td><td>{_fmt(d.get('accuracy'))}</td><td>{d.get('n', '')}</td></tr>"
+            f"</td><td>{_fmt(d.get('accuracy'))}</td><td>{_count(d.get('n'))}</td></tr>"
             for name, d in [("all sites (sample-weighted)", ev),
                             *sorted((final.get("per_site") or {}).items())])
     fed = esc(str(metrics.get("federation", "")))
@@ -151,6 +153,11 @@ patients, scored with the model the site received that round.</p>
 {line_chart("Bytes per round", traffic, "bytes")}
 </body></html>
 """
+
+
+def _count(v: Any) -> str:
+    n = _num(v)
+    return "" if n is None else f"{n:.0f}"
 
 
 def _fmt(v: Any) -> str:
