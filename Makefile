@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: demo test lint bench bench-ingest system-deps warm clean
+.PHONY: demo test lint bench bench-ingest system-deps warm clean deb
 
 $(VENV)/.stamp-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ warm: $(VENV)/.stamp-run
 demo: $(VENV)/.stamp-run system-deps warm
 	$(VENV)/bin/fedsilo demo --out demo-out
 	$(VENV)/bin/fedsilo demo --imaging --out demo-out/imaging
+
+deb:
+	bash packaging/build-deb.sh dist
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
