@@ -105,3 +105,41 @@ def test_mosquitto_sub_reads_status_and_metrics_of_a_running_federation(tmp_path
     assert f"federation {FED}" in text and all(n in text for n in names)
     bad = fedsilo("--broker", "nohost")
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+def test_home_assistant_discovery_points_at_status_keys_that_exist():
+    from agent.ops.status import home_assistant_discovery
+    from agent.security.brokerconf import Roster, acl_text
+
+    status_topic = "fedsilo/v1/stroke-eu/site/north-1/status"
+    configs = home_assistant_discovery("stroke-eu", "north-1", status_topic)
+    assert len(configs) == 5
+    for topic, payload in configs:
+        assert topic.startswith("homeassistant/sensor/fedsilo_stroke_eu_north_1_")
+        assert topic.endswith("/config")
+        doc = json.loads(payload)
+        assert doc["state_topic"] == status_topic
+        key = doc["value_template"].removeprefix("{{ value_json.").removesuffix(" }}")
+        assert key in SCHEMA["properties"], key
+    # the generated broker ACL lets exactly that site write its own discovery topics
+    acl = acl_text(Roster("stroke-eu", ("north-1",)))
+    assert all(f"topic write {topic}" in acl for topic, _ in configs)
+
+
+@pytest.mark.integration
+def test_a_site_with_discovery_on_announces_its_sensors(tmp_path, mosquitto):
+    from tests.fedharness import start_site, write_site_config
+    from tests.test_lifecycle import read_retained
+
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    cfg.write_text(cfg.read_text() + "\n[monitoring]\nhome_assistant_discovery = true\n")
+    proc = start_site(cfg, tmp_path / "north.log")
+    try:
+        uid = f"fedsilo_{FED}_north_state".replace("-", "_")
+        doc = read_retained(mosquitto.port, f"homeassistant/sensor/{uid}/config")
+        assert doc["state_topic"] == f"fedsilo/v1/{FED}/site/north/status"
+        assert doc["device"]["identifiers"] == [f"fedsilo_{FED}_north"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -79,6 +79,7 @@ class SiteConfig:
     dicom: DicomSources = field(default_factory=DicomSources)
     source: str = ""
     identity: IdentityFiles | None = None
+    home_assistant_discovery: bool = False  # [monitoring]: announce sensors to Home Assistant
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
     file = str(path)
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
-    top.reject_unknown({"site", "broker", "data", "dicom", "identity"})
+    top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring"})
+    mon = top.sub("monitoring")
+    if mon is not None:
+        mon.reject_unknown({"home_assistant_discovery"})
     s = top.sub("site", required=True)
     s.reject_unknown({"id", "federation", "state_dir", "hardware_profile"})
     base = path.parent
@@ -181,6 +185,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data=data,
         hardware_profile=_hardware_profile_name(s),
         dicom=_dicom(top.sub("dicom"), base),
+        home_assistant_discovery=(mon.get("home_assistant_discovery", bool, False)
+                                  if mon is not None else False),
         source=file,
     )
 

@@ -46,7 +46,14 @@ from agent.ops.hardware import (
     select_profile,
 )
 from agent.ops.sdnotify import Notifier
-from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
+from agent.ops.status import (
+    State,
+    encode_status,
+    home_assistant_discovery,
+    host_vitals,
+    offline_status,
+    status_document,
+)
 
 if TYPE_CHECKING:
     from agent.ingest.service import IngestService
@@ -465,6 +472,10 @@ class Site:
         if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
             self._ingest_service()
         self.transport.connect()
+        if self.config.home_assistant_discovery:
+            for topic, payload in home_assistant_discovery(
+                    self.fed, self.site_id, topics.site_status(self.fed, self.site_id)):
+                self.transport.publish(topic, payload, retain=True)
         self.state = State.IDLE
         self.publish_status()
         self.notifier.ready(f"idle, connected to {self.config.broker.host}:"

@@ -96,3 +96,29 @@ def offline_status(*, role: str, identity: str, federation: str, reason: str) ->
     return encode_status(status_document(role=role, identity=identity, federation=federation,
                                          state=State.OFFLINE, round=None,
                                          extra={"offline_reason": reason}))
+
+
+# Home Assistant MQTT discovery (opt-in, [monitoring] home_assistant_discovery = true): retained
+# config messages that make the site's status appear as sensors, reading the status topic.
+HA_SENSORS = (("state", "state", None), ("round", "round", None),
+              ("disk_free_gib", "disk free", "GiB"), ("cert_days_left", "certificate days left",
+                                                      "d"),
+              ("ingest_quarantined", "DICOM quarantined", None))
+
+
+def home_assistant_discovery(federation: str, site: str, status_topic: str
+                             ) -> list[tuple[str, bytes]]:
+    """(topic, retained payload) per sensor, under homeassistant/sensor/."""
+    device = {"identifiers": [f"fedsilo_{federation}_{site}"],
+              "name": f"fedsilo {site} ({federation})", "manufacturer": "fedsilo",
+              "sw_version": __version__}
+    out = []
+    for key, label, unit in HA_SENSORS:
+        uid = f"fedsilo_{federation}_{site}_{key}".replace("-", "_")
+        config: dict[str, Any] = {"name": label, "unique_id": uid, "state_topic": status_topic,
+                                  "value_template": f"{{{{ value_json.{key} }}}}",
+                                  "device": device}
+        if unit:
+            config["unit_of_measurement"] = unit
+        out.append((f"homeassistant/sensor/{uid}/config", json.dumps(config).encode()))
+    return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import tomllib
 
 from agent.errors import ConfigError
+from agent.ops.status import home_assistant_discovery
 from agent.security.pki import PKI, RESERVED, SITE_ID
 
 MAX_PACKET = 2_000_000  # 1 MiB chunks + envelope header, with margin (Mosquitto 2.1's default)
@@ -72,6 +73,10 @@ def acl_text(roster: Roster) -> str:
         lines += ["", f"user {site}", f"topic write {r}/site/{site}/#",
                   f"topic read {r}/coordinator/round/#", f"topic read {r}/coordinator/control",
                   f"topic read {r}/coordinator/status", f"topic read {r}/coordinator/req/{site}"]
+        # its own sensors for the opt-in Home Assistant discovery (a topic per sensor: an ACL
+        # wildcard must be a whole level)
+        lines += [f"topic write {topic}" for topic, _ in
+                  home_assistant_discovery(roster.federation, site, "")]
     return "\n".join(lines) + "\n"
 
 
