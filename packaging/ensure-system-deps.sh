@@ -17,6 +17,12 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     missing+=(systemd)
 fi
+if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)  # `make deb` builds the package's environment on Debian's python3
+fi
+if ! command -v dpkg-deb >/dev/null 2>&1; then
+    missing+=(dpkg-dev)
+fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)  # renders the HTML report headless in its test
 fi
