@@ -21,7 +21,7 @@ if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)  # `make deb` builds the package's environment on Debian's python3
 fi
 if ! command -v dpkg-deb >/dev/null 2>&1; then
-    missing+=(dpkg-dev)
+    missing+=(dpkg)
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)  # renders the HTML report headless in its test
