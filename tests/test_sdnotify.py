@@ -122,3 +122,40 @@ def test_a_site_under_systemd_is_ready_only_when_connected_and_stops_cleanly(tmp
         assert offline["offline_reason"] == "stopped"
     finally:
         systemd.close()
+
+
+@pytest.mark.integration
+def test_sigterm_during_training_stops_within_seconds_and_goes_offline(tmp_path, mosquitto):
+    """A long local training (a large MLP, many epochs) is interrupted at the next batch: the
+    site exits 0 within a few seconds and leaves an explicit offline status."""
+    import dataclasses
+
+    from agent.config import ModelSpec, TrainingSpec
+    from tests.fedharness import CoordinatorThread, start_site
+    from tests.test_federation import plan_for
+
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    plan = dataclasses.replace(
+        plan_for(features, ["north"], rounds=1, deadline=120.0),
+        model=ModelSpec("mlp", hidden=(512, 512)),
+        training=TrainingSpec(local_epochs=500, batch_size=16, learning_rate=0.01,
+                              optimizer="sgd", momentum=0.9))
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    proc = start_site(cfg, tmp_path / "north.log")
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord").start()
+    try:
+        read_retained(mosquitto.port, topics.site_status(FED, "north"),
+                      lambda d: d["state"] == "training", timeout=60)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - t < 10
+        offline = read_retained(mosquitto.port, topics.site_status(FED, "north"),
+                                lambda d: d["state"] == "offline")
+        assert offline["offline_reason"] == "stopped"
+        assert "stop requested during training" in (tmp_path / "north.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        coord.coordinator.stop_event.set()
+        coord.thread.join(15)

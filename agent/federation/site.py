@@ -65,8 +65,10 @@ STATUS_EVERY_S = 10.0
 START_TIMEOUT_S = 120.0  # asked of systemd while starting (a cold Numba cache compiles)
 
 
-class _Stopping(Exception):
-    """A stop was requested while training: unwinds to `run`, which goes offline cleanly."""
+class _Stopping(BaseException):
+    """A stop was requested while training: unwinds to `run`, which goes offline cleanly.
+    (A BaseException, like KeyboardInterrupt, so the per-task `except Exception` that keeps the
+    daemon alive through a bad task does not swallow it.)"""
 MIN_PATIENTS_FOR_METRICS = 10
 
 
