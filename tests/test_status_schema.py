@@ -97,7 +97,7 @@ def test_mosquitto_sub_reads_status_and_metrics_of_a_running_federation(tmp_path
 
     snap = json.loads(fedsilo("--broker", f"127.0.0.1:{mosquitto.port}", "--json").stdout)
     fed = snap["federations"][FED]
-    assert fed["coordinator"]["state"] == "finished"
+    assert fed["coordinator"]["state"] == "finished", fed["coordinator"]
     assert {s: d["state"] for s, d in fed["sites"].items()} == {n: "offline" for n in names}
     for doc in [fed["coordinator"], *fed["sites"].values()]:
         VALIDATOR.validate(doc)
