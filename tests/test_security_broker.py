@@ -203,7 +203,7 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
         seen = {}
         while True:
             try:
-                msg = statuses.receive(1.0)
+                msg = statuses.receive(3.0)
             except Exception:  # queue.Empty: nothing more
                 break
             # (the monitor's persistent session also keeps an earlier test's subscription to
