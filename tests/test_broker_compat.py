@@ -114,7 +114,10 @@ def test_a_burst_waits_at_the_broker_not_in_the_receiver(mosquitto):
     try:
         payload = bytes(100_000)
         tx.wait_published([tx.publish(f"burst/{i}", payload) for i in range(80)], 20)
-        time.sleep(1.0)  # the receiver's main loop is "busy": nothing taken yet
+        deadline = time.monotonic() + 10  # the receiver's main loop is "busy": nothing taken
+        while rx.inbox.qsize() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # time for more to arrive, if the broker were to send them
         held = rx.inbox.qsize()
         assert 0 < held <= RECEIVE_MAXIMUM
         got = [rx.receive(5).topic for _ in range(80)]  # taking them lets the rest in
