@@ -69,7 +69,3 @@ def raw_kernel(source: str, name: str) -> Any:
 def launch_1d(kernel: Any, n: int, args: tuple, threads: int = 256) -> None:
     """One thread per element, `n` >= 1."""
     kernel(((n + threads - 1) // threads,), (threads,), args)
-
-
-def f32(x: float) -> np.float32:
-    return np.float32(x)
