@@ -7,9 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
 import shutil
 import ssl
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from agent.config import BrokerConfig
 from agent.config.site import TLSFiles
 from agent.errors import ConfigError
 from agent.federation.broker import LocalMosquitto, find_mosquitto, free_port
-from agent.federation.transport import Transport
+from agent.federation.transport import Transport, Will
 from agent.security.brokerconf import Roster, load_roster, write_broker_config
 from agent.security.pki import PKI
 from tests.fedharness import (
@@ -200,7 +202,7 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
                          key=pki.dir / "coordinator.key")).start().join(timeout=120)
         assert stop_all(procs) == [0, 0]
         assert final["sites"] == names
-        seen = {}
+        seen, every = {}, []
         while True:
             try:
                 msg = statuses.receive(3.0)
@@ -211,7 +213,74 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
             if msg.topic.endswith("/status") and msg.payload.startswith(b"{"):
                 doc = json.loads(msg.payload)
                 seen[doc["id"]] = doc
+                every.append(doc)
         assert set(seen) >= {"north", "south", "coordinator"}
-        assert all(364 < seen[i]["cert_days_left"] <= 365 for i in ("north", "coordinator"))
+        for i in ("north", "coordinator"):
+            assert 364 < seen[i].get("cert_days_left", 0) <= 365, (i, every)
     finally:
         statuses.close()
+
+
+def test_two_way_traffic_over_tls_keeps_one_connection_and_a_clean_stop_is_not_lost(secure):
+    """The main thread publishes and acknowledges while the network thread reads: one TLS
+    socket, so only one thread may touch it. And a stop with messages still arriving must
+    reach the broker as a clean DISCONNECT: the retained status stays the explicit one, never
+    the will. (Both failed under load before: "connection lost", a will on a clean stop.)"""
+    pki, port, _ = secure
+    status = f"{ROOT}/site/north/status"
+    # QoS 0, from paho's own loop thread: a flow the broker never holds back for
+    # acknowledgements, so messages are always on their way to north when it closes
+    coord = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flood",
+                        protocol=mqtt.MQTTv5)
+    coord.tls_set(ca_certs=str(pki.dir / "ca.crt"), certfile=str(pki.dir / "coordinator.crt"),
+                  keyfile=str(pki.dir / "coordinator.key"), cert_reqs=ssl.CERT_REQUIRED)
+    coord.connect("127.0.0.1", port, 30)
+    coord.loop_start()
+    watcher = client(pki, port, "monitor", [status])
+    stop = threading.Event()
+
+    def flood() -> None:
+        n = 0
+        while not stop.is_set():
+            coord.publish(f"{ROOT}/coordinator/round/9/chunk/{n % 50}", os.urandom(500), qos=0)
+            n += 1
+            if n % 20 == 0:
+                time.sleep(0.001)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        for attempt in range(3):
+            north = Transport(f"fedsilo-{FED}-north", BrokerConfig(port=port, tls=TLSFiles(
+                ca=pki.dir / "ca.crt", cert=pki.dir / "north.crt", key=pki.dir / "north.key")),
+                subscriptions=[f"{ROOT}/coordinator/round/#"],
+                will=Will(status, b"will: connection lost"))
+            north.connect()
+            sent, received, deadline = [], 0, time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                sent.append(north.publish(f"{ROOT}/site/north/update/9/chunk/{len(sent)}",
+                                          os.urandom(1000)))
+                try:
+                    north.receive(0.0)
+                    received += 1
+                except queue.Empty:
+                    pass
+            north.wait_published(sent, 20)
+            assert received > 0 and north.connects == 1
+            north.close(final=(status, f"stopped {attempt}".encode()))
+            last, end = None, time.monotonic() + 3
+            while time.monotonic() < end:
+                try:
+                    msg = watcher.receive(end - time.monotonic())
+                except queue.Empty:
+                    break
+                if msg.topic == status:
+                    last = msg.payload
+                    end = min(end, time.monotonic() + 1.0)  # a will would follow at once
+            assert last == f"stopped {attempt}".encode()
+    finally:
+        stop.set()
+        flooder.join(5)
+        coord.disconnect()
+        coord.loop_stop()
+        watcher.close()

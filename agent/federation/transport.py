@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 RECEIVE_MAXIMUM = 16  # unacknowledged QoS 1 messages the broker may have in flight to us
+DRAIN_S = 2.0  # at most this long, on a clean stop, for the broker to read our DISCONNECT
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).
 _TERMINAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid",
                      "Banned", "Bad authentication method"}
@@ -80,6 +83,11 @@ class Incoming:
     connection: int = 0  # which connection it came on: an ack only means something on that one
 
 
+def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nothing to do: the network thread's `loop()` selects for writing whenever paho has
+    packets queued (see `_make_client`)."""
+
+
 class Transport:
     """One MQTT identity: connect once, then stay connected until `close`."""
 
@@ -102,6 +110,7 @@ class Transport:
         self._last_connack: str = ""
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -120,6 +129,13 @@ class Transport:
         if self.will is not None:
             c.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
         c.max_inflight_messages_set(32)
+        # paho writes to the socket from the *calling* thread when it runs no loop thread of its
+        # own (it does not know about ours): a publish or ack from the main loop would then write
+        # while our network thread reads. Two threads on one TLS socket corrupt it ("connection
+        # lost" under load). With a write hook registered, paho only queues the packet and wakes
+        # our loop, so one thread alone touches the socket.
+        c.on_socket_register_write = _network_thread_writes
+        c.on_socket_close = self._drain_before_close
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -190,6 +206,31 @@ class Transport:
             self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s)
 
     # ------------------------------------------------------------------ paho callbacks
+
+    def _drain_before_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """On a clean stop, let the broker read our DISCONNECT before the socket closes.
+
+        paho closes the socket right after writing DISCONNECT. If messages for us are still
+        unread in the kernel at that moment, Linux answers with a reset, the broker drops the
+        unread DISCONNECT with it, and publishes our will: monitoring would see
+        "connection_lost" for a clean stop (seen under load). So: half-close, read until the
+        broker closes its side (it does once it has read DISCONNECT), then let paho close.
+        """
+        if not self._closing:
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_S
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    break
+                try:
+                    if not sock.recv(65536):
+                        break  # the broker closed: it has read DISCONNECT
+                except BlockingIOError:
+                    continue
+        except (OSError, ValueError):
+            pass  # already gone: nothing left to protect
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -300,6 +341,7 @@ class Transport:
             self._thread.join(timeout=timeout_s)
         # A clean DISCONNECT makes the broker discard the will; if the socket closed before it
         # was flushed, monitoring would see "connection_lost" for a clean stop.
+        self._closing = True
         self._client.disconnect()
         deadline = time.monotonic() + timeout_s
         while self._client.socket() is not None and time.monotonic() < deadline:
