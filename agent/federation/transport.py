@@ -16,7 +16,9 @@ uploading float32 updates at once the coordinator's queue still reached ~60 MB (
 
 We run paho's `loop()` in our own thread rather than `loop_start()` because paho's built-in
 reconnect doubles a fixed delay without jitter; fifty hospitals reconnecting in lock-step after
-a broker restart is exactly what full jitter avoids.
+a broker restart is exactly what full jitter avoids. paho does not know about our thread, so
+it would write from whichever thread calls `publish` or `ack`; a write hook (`_make_client`)
+makes it queue instead, and only the network thread ever touches the socket.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ class Transport:
         msg = self.inbox.get(timeout=timeout_s)
         client = self._client
         if msg.qos > 0 and client is not None and msg.connection == self.connects:
-            client.ack(msg.mid, msg.qos)  # thread-safe in paho, like publish
+            client.ack(msg.mid, msg.qos)  # queued; the network thread writes it
         return msg
 
     # ------------------------------------------------------------------ network thread
