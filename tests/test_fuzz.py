@@ -29,9 +29,11 @@ class RecordingTransport:
     """The transport a Peer answers resend requests through (nothing is sent anywhere)."""
 
     published: list[tuple[str, int]] = field(default_factory=list)
+    payloads: list[tuple[str, bytes]] = field(default_factory=list)
 
     def publish(self, topic: str, payload: bytes, **_kw):
         self.published.append((topic, len(payload)))
+        self.payloads.append((topic, payload))
         return None
 
     def wait_published(self, infos, timeout_s: float) -> None:
@@ -57,8 +59,8 @@ def valid_messages(north: Signer) -> list[tuple[str, bytes]]:
     out = [(topics.site_manifest(FED, "north", 3), envelope.encode(north.sign(m.header())))]
     out += [(topics.site_chunk(FED, "north", 3, i), payload)
             for i, payload in envelope.iter_chunks(m, body)]
-    out.append((topics.site_req(FED, "north"), envelope.encode(envelope.resend_header(
-        federation=FED, round=3, sender="north", body_digest=m.body_digest, missing=[0, 2]))))
+    out.append((topics.site_req(FED, "north"), envelope.encode(north.sign(envelope.resend_header(
+        federation=FED, round=3, sender="north", body_digest=m.body_digest, missing=[0, 2])))))
     return out
 
 

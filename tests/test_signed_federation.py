@@ -33,8 +33,9 @@ class Attacker:
     """Watches the coordinator's rounds and north's uploads; for every new round it publishes,
     on north's topics: a replay of north's upload from the round before, north's manifest with
     its weight inflated (signature no longer matches), one signed by a key of another CA, and
-    one validly signed by north but for another federation; and on the coordinator's topic a
-    task signed with north's key."""
+    one validly signed by north but for another federation; on north's request topic, resend
+    requests unsigned and signed by a stranger; and on the coordinator's topic a task signed
+    with north's key."""
 
     def __init__(self, port: int, north: Signer, stranger: Signer) -> None:
         self.north, self.stranger = north, stranger
@@ -75,6 +76,12 @@ class Attacker:
         forged.append(self.north.sign({**unsigned, "round": rnd, "federation": "other-fed"}))
         for h in forged:
             self.client.publish(topic, envelope.encode(h), qos=1)
+        # resend requests "from north" for the coordinator's task: unsigned, and signed by a
+        # stranger; answering them would let anyone make the coordinator publish it again
+        ask = envelope.resend_header(federation=FED, round=rnd, sender="north",
+                                     body_digest=header["body_digest"], missing=[0])
+        for h in (ask, self.stranger.sign(ask)):
+            self.client.publish(f"{ROOT}/site/north/req", envelope.encode(h), qos=1)
         # and a task "from the coordinator", signed with a site's key, to every site
         task = {k: v for k, v in envelope.decode(msg.payload, max_body=0).header.items()
                 if k not in ("cert", "sig")}
@@ -108,7 +115,7 @@ def test_forged_replayed_and_foreign_updates_are_refused_and_rounds_complete(tmp
     # round closed is refused as off-round instead, so counts depend on timing). The replay
     # carries north's genuine signature: it is refused because it names another round.
     for reason in ("bad_signature", "untrusted_signer", "foreign_federation",
-                   "round_topic_mismatch"):
+                   "round_topic_mismatch", "unsigned"):
         assert rejected[reason] >= 1, (reason, dict(rejected))
     for name in names:  # the sites refused the forged task: not signed by the coordinator
         log = (tmp_path / f"{name}.log").read_text()

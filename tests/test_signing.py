@@ -113,3 +113,44 @@ def test_trust_refuses_a_certificate_of_someone_else_with_a_config_error(pki):
         Trust.load(files, None, "south")
     with pytest.raises(ConfigError, match="do not match"):
         Signer(pki.dir / "north.crt", pki.dir / "south.key")
+
+
+def test_resend_requests_are_answered_only_when_signed_by_the_site_the_topic_names(pki):
+    """A resend request makes the coordinator publish a body's chunks again: unsigned, or
+    signed by anyone but the site on whose topic it came, it is refused and nothing is sent.
+    The requesting side signs its own requests."""
+    from agent.federation import envelope, topics
+    from agent.federation.peer import Peer
+    from tests.test_fuzz import RecordingTransport
+
+    def peer(name):
+        t = RecordingTransport()
+        me = Trust(signer(pki, name), Verifier(pki.dir / "ca.crt", pki.dir / "crl.pem"))
+        return t, Peer(t, "fed", name, max_body=1 << 20, accept=lambda _t: True, trust=me)
+
+    out, coordinator = peer("coordinator")
+    body = bytes(range(256)) * 20
+    m = make_manifest(federation="fed", round=3, sender="coordinator", body_kind=BodyKind.TASK,
+                      body=body, created=1.5e9, meta={}, chunk_size=1000)
+    coordinator.send_body(topics.coordinator_manifest("fed", 3),
+                          lambda i: topics.coordinator_chunk("fed", 3, i), m, body)
+    out.published.clear()
+    ask = envelope.resend_header(federation="fed", round=3, sender="north",
+                                 body_digest=m.body_digest, missing=[1, 4])
+    req = topics.site_req("fed", "north")
+    for forged, reason in ((ask, "unsigned"), (signer(pki, "south").sign(ask), "signer_mismatch"),
+                           (signer(pki, "north", pki.dir.parent / "other").sign(ask),
+                            "untrusted_signer")):
+        assert coordinator._handle(req, envelope.encode(forged)) is None
+        assert coordinator.rejected[reason] == 1 and out.published == []
+    coordinator._handle(req, envelope.encode(signer(pki, "north").sign(ask)))
+    assert [t for t, _n in out.published] == [topics.coordinator_chunk("fed", 3, i)
+                                              for i in (1, 4)]
+    # north's own requests, when chunks stop arriving, carry north's signature
+    sent, north = peer("north")
+    north.reassembler.add_manifest(m, 0.0)
+    north.request_missing(lambda _m: req)
+    (topic, payload), = sent.payloads
+    assert topic == req
+    Verifier(pki.dir / "ca.crt").verify(envelope.decode(payload, max_body=0).header,
+                                        sender="north", role="site")

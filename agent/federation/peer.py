@@ -149,6 +149,8 @@ class Peer:
             head = envelope.resend_header(federation=self.federation, round=manifest.round,
                                           sender=self.identity, body_digest=manifest.body_digest,
                                           missing=missing)
+            if self.trust is not None:  # else a broker could make senders publish again
+                head = self.trust.signer.sign(head)
             log.info("asking %s again for %d chunk(s) of round %d", manifest.sender,
                      len(missing), manifest.round)
             self.transport.publish(req_topic(manifest), envelope.encode(head))
@@ -201,15 +203,14 @@ class Peer:
         if env.kind is MessageKind.RESEND:
             if topic.kind != "req":
                 raise ProtocolError("kind_topic_mismatch")
+            self._verify(header, topic)
             self._serve_resend(header)
             return None
         now = time.monotonic()
         if env.kind is MessageKind.MANIFEST:
             if topic.kind not in ("manifest", "control") or env.body:
                 raise ProtocolError("kind_topic_mismatch")
-            if self.trust is not None:  # before the manifest is used for anything
-                self.trust.verifier.verify(header, sender=topic.sender, role=(
-                    "coordinator" if topic.sender == "coordinator" else "site"))
+            self._verify(header, topic)  # before the manifest is used for anything
             manifest = envelope.parse_manifest(header, max_body=self.max_body)
             if topic.round is not None and manifest.round != topic.round:
                 raise ProtocolError("round_topic_mismatch")
@@ -231,6 +232,13 @@ class Peer:
         if done is None:
             return None
         return BodyReady(topic=topic, manifest=done.manifest, body=done.body)
+
+
+    def _verify(self, header: dict[str, Any], topic: topics.Topic) -> None:
+        """With [identity]: the sender's signature, by the identity and role its topic names."""
+        if self.trust is not None:
+            self.trust.verifier.verify(header, sender=topic.sender, role=(
+                "coordinator" if topic.sender == "coordinator" else "site"))
 
 
 def _parse_status(payload: bytes) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Signed manifests: who sent a body is proven by the sender's key, not by where it came from.
 
 A manifest names its body completely (every chunk's SHA-256 and the whole body's), so signing
-the manifest signs the body. The sender adds two header fields: `cert` (its certificate, DER,
-base64) and `sig` (ECDSA P-256 over SHA-256 of the canonical header: sorted-key compact JSON
-of every field but `sig`). The receiver checks, before the manifest is used at all:
+the manifest signs the body. Resend requests are signed the same way: a broker cannot forge
+one (it can replay a genuine one, which resends only the chunks that request named). The
+sender adds two header fields: `cert` (its certificate, DER, base64) and `sig` (ECDSA P-256
+over SHA-256 of the canonical header: sorted-key compact JSON of every field but `sig`). The
+receiver checks, before the message is used at all:
 
 - the certificate was issued by the federation CA, is within its validity, is not on the CRL;
 - its common name is the sender the topic names, and its role (the certificate's OU) is the
@@ -97,7 +99,7 @@ class Verifier:
                now: dt.datetime | None = None) -> None:
         cert_b64, sig_b64 = header.get("cert"), header.get("sig")
         if not isinstance(cert_b64, str) or not isinstance(sig_b64, str):
-            raise ProtocolError("unsigned", "manifest carries no signature")
+            raise ProtocolError("unsigned", "message carries no signature")
         if len(cert_b64) > MAX_CERT_B64 or len(sig_b64) > 256:
             raise ProtocolError("bad_signature", "signature fields too large")
         known = self._signer(cert_b64)
