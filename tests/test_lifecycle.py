@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -150,3 +152,46 @@ def test_unparseable_rows_are_skipped_with_reasons_in_log_and_status(tmp_path, m
     log = (tmp_path / "north.log").read_text()
     assert f"kept {good_rows} of {good_rows + 3} rows" in log and "wrong_field_count=1" in log
     assert "abc" not in log  # reasons and counts only, never cell values
+
+
+def test_a_site_outside_its_training_hours_waits_says_so_and_stops_promptly(
+        tmp_path, mosquitto, monkeypatch):
+    """North may train only in a window that starts two hours from now: it takes the task,
+    does not train, and says `throttled` with the reason; the rounds close on south alone at
+    their deadline; SIGTERM still ends the wait at once. South's only hardware profile caps
+    the plan's batch of 16 at 8."""
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    base = (Path(__file__).parents[1] / "hardware_profiles" / "base.toml").read_text()
+    (profiles / "base.toml").write_text(base.replace("max_batch_size = 1024",
+                                                     "max_batch_size = 8"))
+    monkeypatch.setenv("FEDSILO_PROFILES_DIR", str(profiles))
+    now = dt.datetime.now()
+    later = [(now + dt.timedelta(hours=h)).strftime("%H:%M") for h in (2, 3)]
+    north = start_site(write_site_config(tmp_path / "sites", "north", FED, mosquitto.port,
+                                         tables[0], policy={"training_hours": "-".join(later)}),
+                       tmp_path / "north.log")
+    south = start_site(write_site_config(tmp_path / "sites", "south", FED, mosquitto.port,
+                                         tables[1]), tmp_path / "south.log")
+    rounds: list[dict] = []
+    final = CoordinatorThread(plan_for(features, ["north", "south"], rounds=2, min_sites=1,
+                                       deadline=4.0),
+                              mosquitto.port, tmp_path / "coord",
+                              on_round=rounds.append).start().join(timeout=120)
+    assert [r["sites"] for r in rounds] == [["south"], ["south"]]
+    assert final["sites"] == ["south"]
+    status = read_retained(mosquitto.port, topics.site_status(FED, "north"),
+                           lambda d: d.get("throttled") is True)
+    assert status["throttle_reason"] == "outside_training_hours"
+    assert status["state"] == "training"
+    assert "training paused: outside_training_hours" in (tmp_path / "north.log").read_text()
+    started = time.monotonic()
+    north.send_signal(signal.SIGTERM)
+    assert north.wait(timeout=10) == 0 and time.monotonic() - started < 5
+    assert stop_all([south]) == [0]
+    assert "batch size 16 capped at 8 by hardware profile base" in \
+        (tmp_path / "south.log").read_text()
+    down = read_retained(mosquitto.port, topics.site_status(FED, "north"),
+                         lambda d: d["state"] == "offline")
+    assert down["offline_reason"] == "stopped"

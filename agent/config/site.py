@@ -16,6 +16,7 @@ from agent.config.checks import (
     _read_toml,
     _Reader,
 )
+from agent.ops.throttle import TrainingPolicy, parse_hours
 
 MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
 
@@ -80,6 +81,7 @@ class SiteConfig:
     source: str = ""
     identity: IdentityFiles | None = None
     home_assistant_discovery: bool = False  # [monitoring]: announce sensors to Home Assistant
+    policy: TrainingPolicy = field(default_factory=TrainingPolicy)  # [policy]: yield to clinics
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     file = str(path)
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
-    top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring"})
+    top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring", "policy"})
     mon = top.sub("monitoring")
     if mon is not None:
         mon.reject_unknown({"home_assistant_discovery"})
@@ -187,8 +189,22 @@ def load_site_config(path: str | Path) -> SiteConfig:
         dicom=_dicom(top.sub("dicom"), base),
         home_assistant_discovery=(mon.get("home_assistant_discovery", bool, False)
                                   if mon is not None else False),
+        policy=_policy(top.sub("policy")),
         source=file,
     )
+
+
+def _policy(r: _Reader | None) -> TrainingPolicy:
+    if r is None:
+        return TrainingPolicy()
+    r.reject_unknown({"training_hours", "busy_cpu_percent"})
+    hours = r.get("training_hours", str, None)
+    try:
+        window = parse_hours(hours) if hours else None
+    except ValueError as exc:
+        raise r.fail("training_hours", str(exc)) from None
+    return TrainingPolicy(training_hours=window,
+                          busy_cpu_percent=r.number("busy_cpu_percent", 0.0, lo=0, hi=100))
 
 
 AE_TITLE_PATTERN = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: 16 printable ASCII, no backslash

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ from agent.ops.status import (
     offline_status,
     status_document,
 )
+from agent.ops.throttle import Throttle
 
 if TYPE_CHECKING:
     from agent.ingest.service import IngestService
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 
 MAX_TASK_BYTES = 256 << 20  # flat: the site learns the model (and so its size) from the task itself
 STATUS_EVERY_S = 10.0
+THROTTLE_POLL_S = 1.0  # while paused: how often the policy is asked again
 START_TIMEOUT_S = 120.0  # asked of systemd while starting (a cold Numba cache compiles)
 
 
@@ -135,6 +138,8 @@ class Site:
         self.process_start = process_start if process_start is not None else time.time()
         self.stop_event = threading.Event()
         self.notifier = Notifier()
+        self.throttle = Throttle(config.policy, cores=os.cpu_count() or 1)
+        self.throttle_reason: str | None = None
         self.last_round_ok_ts: float | None = None  # when this site last sent an update
         self.state = State.STARTING
         self.round: int | None = None
@@ -183,7 +188,8 @@ class Site:
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         extra["cert_days_left"] = self.transport.cert_days_left()
         extra["last_round_ok_ts"] = self.last_round_ok_ts
-        extra["throttled"] = False  # hardware profiles do not throttle training yet
+        extra["throttled"] = self.throttle_reason is not None
+        extra["throttle_reason"] = self.throttle_reason
         extra.update(host_vitals(self.config.state_dir))
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
@@ -348,8 +354,15 @@ class Site:
             return
         self.state = State.TRAINING
         self.publish_status()
+        training = plan.training
+        cap = self.profile.settings.max_batch_size
+        if training.batch_size > cap:
+            log.info("batch size %d capped at %d by hardware profile %s", training.batch_size,
+                     cap, self.profile.name)
+            training = replace(training, batch_size=cap)
+        self._yield_to_clinical_work()
         result = train_local(layout, params, x[data.train], data.y[data.train],
-                             plan.training, seed=plan.seed * 100_003 + m.round,
+                             training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step,
                              step_callback=self._training_step, **self._images(data.train))
         delta = (result.params - params).astype(np.float32)
@@ -461,10 +474,28 @@ class Site:
         self.publish_status()
 
     def _training_step(self) -> None:
-        """After every optimizer step: alive for the watchdog; a stop request ends training."""
+        """After every optimizer step: alive for the watchdog; a stop request ends training;
+        the training policy may make the next batch wait."""
         self.notifier.beat()
         if self.stop_event.is_set():
             raise _Stopping
+        self._yield_to_clinical_work()
+
+    def _yield_to_clinical_work(self) -> None:
+        """Wait while `[policy]` says so (outside training hours, host busy with other work),
+        saying why in the status; the watchdog stays fed and a stop request ends the wait."""
+        while (reason := self.throttle.reason()) is not None:
+            if reason != self.throttle_reason:
+                log.info("training paused: %s", reason)
+                self.throttle_reason = reason
+                self.publish_status()
+            self.notifier.beat()
+            if self.stop_event.wait(THROTTLE_POLL_S):
+                raise _Stopping
+        if self.throttle_reason is not None:
+            log.info("training resumed")
+            self.throttle_reason = None
+            self.publish_status()
 
     def run(self, *, exit_when_finished: bool = True) -> int:
         self.notifier.extend_timeout(START_TIMEOUT_S)  # imports, state, a cold Numba cache
