@@ -56,17 +56,19 @@ def test_others_percent_leaves_our_own_cpu_out():
     assert others_percent(a, a, cores=4) == 0.0  # no time passed
 
 
-class Samples:
-    """CPU samples advancing by `dt` each call; `others` CPU-seconds per second on 2 cores."""
+class Host:
+    """A fake host clock and CPU counters: `others` CPU-seconds of other work per second."""
 
     def __init__(self, others_per_s: float) -> None:
-        self.wall, self.busy, self.others = 0.0, 0.0, others_per_s
+        self.wall, self.busy, self.others, self.samples = 0.0, 0.0, others_per_s, 0
 
-    def __call__(self) -> CpuSample:
-        sample = CpuSample(self.wall, self.busy, 0.0)
-        self.wall += 0.6 * SAMPLE_EVERY_S
-        self.busy += 0.6 * SAMPLE_EVERY_S * self.others
-        return sample
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.busy += seconds * self.others
+
+    def sample(self) -> CpuSample:
+        self.samples += 1
+        return CpuSample(self.wall, self.busy, 0.0)
 
 
 def test_throttle_verdicts():
@@ -76,18 +78,26 @@ def test_throttle_verdicts():
     assert Throttle(night, cores=2, now=lambda: noon).reason() == OUTSIDE_HOURS
     assert Throttle(night, cores=2, now=lambda: noon.replace(hour=22)).reason() is None
 
-    busy = Samples(others_per_s=1.8)  # 90 % of 2 cores
-    t = Throttle(TrainingPolicy(busy_cpu_percent=80), cores=2, now=lambda: noon, sampler=busy)
-    assert t.reason() is None  # one sample is no measurement yet
-    assert t.reason() is None  # 0.6 s: too soon to judge
-    assert t.reason() == HOST_BUSY  # 1.2 s at 90 % > 80 %
-    busy.others = 0.2
-    assert t.reason() == HOST_BUSY  # verdict kept until the next full interval
-    assert t.reason() is None
+    host = Host(others_per_s=1.8)  # 90 % of 2 cores
+    t = Throttle(TrainingPolicy(busy_cpu_percent=80), cores=2, now=lambda: noon,
+                 sampler=host.sample, clock=lambda: host.wall)
+    assert t.reason() is None and host.samples == 1  # one sample is no measurement yet
+    for _ in range(100):  # every batch asks; between samples nothing is measured
+        host.advance(SAMPLE_EVERY_S / 200)
+        assert t.reason() is None
+    assert host.samples == 1
+    host.advance(SAMPLE_EVERY_S / 2)
+    assert t.reason() == HOST_BUSY and host.samples == 2  # 90 % > 80 %
+    host.others = 0.2
+    host.advance(SAMPLE_EVERY_S / 2)
+    assert t.reason() == HOST_BUSY  # the verdict holds until the next full interval
+    host.advance(SAMPLE_EVERY_S / 2)
+    assert t.reason() is None and host.samples == 3
     # outside the hours wins even while the host is quiet
     both = TrainingPolicy(training_hours=(19 * 60, 7 * 60), busy_cpu_percent=80)
-    assert Throttle(both, cores=2, now=lambda: noon, sampler=Samples(0.0)).reason() \
-        == OUTSIDE_HOURS
+    quiet = Host(0.0)
+    assert Throttle(both, cores=2, now=lambda: noon, sampler=quiet.sample,
+                    clock=lambda: quiet.wall).reason() == OUTSIDE_HOURS
 
 
 def site_config(tmp_path, policy: str):

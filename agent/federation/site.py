@@ -484,11 +484,15 @@ class Site:
     def _yield_to_clinical_work(self) -> None:
         """Wait while `[policy]` says so (outside training hours, host busy with other work),
         saying why in the status; the watchdog stays fed and a stop request ends the wait."""
+        last_status = time.monotonic()
         while (reason := self.throttle.reason()) is not None:
-            if reason != self.throttle_reason:
+            changed = reason != self.throttle_reason
+            if changed:
                 log.info("training paused: %s", reason)
                 self.throttle_reason = reason
-                self.publish_status()
+            if changed or time.monotonic() - last_status >= STATUS_EVERY_S:
+                self.publish_status()  # also while the pause lasts: monitoring sees us alive
+                last_status = time.monotonic()
             self.notifier.beat()
             if self.stop_event.wait(THROTTLE_POLL_S):
                 raise _Stopping

@@ -83,11 +83,13 @@ class Throttle:
 
     def __init__(self, policy: TrainingPolicy, *, cores: int,
                  now: Callable[[], dt.datetime] = dt.datetime.now,
-                 sampler: Callable[[], CpuSample] = sample_cpu) -> None:
+                 sampler: Callable[[], CpuSample] = sample_cpu,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.cores = cores
         self._now = now
         self._sampler = sampler
+        self._clock = clock
         self._last: CpuSample | None = None
         self._busy = False
 
@@ -102,13 +104,13 @@ class Throttle:
         return None
 
     def _host_busy(self) -> bool:
-        """Re-measured once at least SAMPLE_EVERY_S has passed; the last verdict until then."""
+        """Re-measured once at least SAMPLE_EVERY_S has passed, the last verdict until then:
+        asked after every batch, so it must cost next to nothing between samples."""
+        if self._last is not None and self._clock() - self._last.wall < SAMPLE_EVERY_S:
+            return self._busy
         sample = self._sampler()
-        if self._last is None:
-            self._last = sample
-            return False
-        if sample.wall - self._last.wall >= SAMPLE_EVERY_S:
+        if self._last is not None:
             others = others_percent(self._last, sample, self.cores)
             self._busy = others > self.policy.busy_cpu_percent
-            self._last = sample
+        self._last = sample
         return self._busy
