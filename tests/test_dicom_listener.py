@@ -377,7 +377,8 @@ def test_storescu_series_is_assembled_and_stored_by_the_site_ingest(series, tmp_
     imaging = ImagingSpec(depth=4, size=32)
     cfg = DicomSources(listen=True, ae_title=AET, port=0, bind="127.0.0.1",
                        allowed_callers=(CALLER,), series_quiet_s=0.5)
-    service = IngestService(tmp_path / "state", cfg)
+    service = IngestService(tmp_path / "state", cfg, workers=2)  # a profile's ingest_workers
+    assert service.pipeline.decoder.workers == 2 and service.pipeline.tree_workers == 2
     service.set_imaging(imaging)
     service.start()
     try:

@@ -261,7 +261,8 @@ class Site:
         if self.ingest is None:
             from agent.ingest.service import IngestService
 
-            self.ingest = IngestService(self.config.state_dir, self.config.dicom)
+            self.ingest = IngestService(self.config.state_dir, self.config.dicom,
+                                        workers=self.profile.settings.ingest_workers)
             self.ingest.start()
         return self.ingest
 

@@ -29,12 +29,16 @@ COMPLETE_EVERY_S = 1.0
 
 class IngestService:
     def __init__(self, state_dir: Path, dicom: DicomSources, *,
-                 kernel_backend: str = "auto") -> None:
+                 kernel_backend: str = "auto", workers: int | None = None) -> None:
+        """`workers`: the hardware profile's `ingest_workers` (decoder and tree-reader
+        processes, each at most); None: the pipeline's defaults."""
         self.state_dir = Path(state_dir)
         self.dicom = dicom
         self.incoming = self.state_dir / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
-        self.pipeline = IngestPipeline(self.state_dir, None, kernel_backend=kernel_backend)
+        sizing = {} if workers is None else {"decode_workers": workers, "tree_workers": workers}
+        self.pipeline = IngestPipeline(self.state_dir, None, kernel_backend=kernel_backend,
+                                       **sizing)
         self.secret = load_or_create_secret(self.state_dir)
         self.queue: queue.Queue[tuple[Path, str]] = queue.Queue()
         self._stop = threading.Event()
