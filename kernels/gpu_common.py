@@ -69,3 +69,12 @@ def raw_kernel(source: str, name: str) -> Any:
 def launch_1d(kernel: Any, n: int, args: tuple, threads: int = 256) -> None:
     """One thread per element, `n` >= 1."""
     kernel(((n + threads - 1) // threads,), (threads,), args)
+
+
+def set_memory_limit_mib(mib: int) -> None:
+    """Cap what CuPy's device memory pool may hold (a hardware profile's `memory_cap_mib`): on
+    a GPU shared with clinical software, a larger model fails with MemoryError instead of
+    starving the other users; 0 lifts the cap."""
+    if cp is None:
+        raise RuntimeError("cupy not installed")
+    cp.get_default_memory_pool().set_limit(size=int(mib) << 20)

@@ -110,3 +110,25 @@ def test_device_refusals_read_like_the_host_ones(gpu):
                                         2, 1.0)
     with pytest.raises(TypeError, match="float32"):
         k.weighted_accumulate(cp.zeros(3, dtype=cp.float64), cp.zeros(3, dtype=cp.float32), 1.0)
+
+
+def test_memory_cap_turns_an_oversized_allocation_into_memory_error(gpu):
+    """A hardware profile's memory_cap_mib on a shared GPU: past the cap CuPy's pool refuses
+    with a MemoryError (which the site reports as `out_of_memory`) instead of taking the rest of
+    the card; under it, work goes on; 0 lifts the cap."""
+    from kernels.gpu_common import set_memory_limit_mib
+
+    _k, cupy = gpu
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    try:
+        set_memory_limit_mib(64)
+        small = cupy.ones(8 << 20, dtype=cupy.float32)  # 32 MiB: under the cap
+        assert float(small.sum()) == 8 << 20
+        with pytest.raises(MemoryError):
+            cupy.empty(24 << 20, dtype=cupy.float32)  # another 96 MiB
+        del small
+    finally:
+        set_memory_limit_mib(0)
+    assert pool.get_limit() == 0
+    cupy.empty(24 << 20, dtype=cupy.float32)  # fine again

@@ -233,7 +233,6 @@ class Peer:
             return None
         return BodyReady(topic=topic, manifest=done.manifest, body=done.body)
 
-
     def _verify(self, header: dict[str, Any], topic: topics.Topic) -> None:
         """With [identity]: the sender's signature, by the identity and role its topic names."""
         if self.trust is not None:

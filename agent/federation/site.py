@@ -134,6 +134,13 @@ class Site:
         if backend == "auto":
             backend = backend_for(self.profile, kernel_registry.available_backends())
         self.kernels: ModuleType = kernel_registry.get_backend(backend)
+        cap = self.profile.settings.memory_cap_mib
+        if cap and backend == "gpu":
+            from kernels.gpu_common import set_memory_limit_mib
+
+            set_memory_limit_mib(cap)
+            log.info("GPU memory pool capped at %d MiB by hardware profile %s", cap,
+                     self.profile.name)
         self.threads = apply_profile(self.profile, facts)
         self.process_start = process_start if process_start is not None else time.time()
         self.stop_event = threading.Event()
@@ -463,6 +470,9 @@ class Site:
             self._fail("data_error", str(exc))
         except FedsiloError as exc:
             self._fail("task_failed", str(exc))
+        except MemoryError as exc:  # host memory, or the GPU pool's memory_cap_mib
+            self._fail("out_of_memory", f"round {m.round} needs more memory than this host "
+                                        f"allows ({exc}); see memory_cap_mib in docs/hardware.md")
         except Exception:  # noqa: BLE001 - the daemon outlives one bad task; traceback logged
             log.exception("internal error while handling round %d", m.round)
             self._fail("internal_error", "see the log above")
