@@ -234,21 +234,30 @@ def test_two_way_traffic_over_tls_keeps_one_connection_and_a_clean_stop_is_not_l
                         protocol=mqtt.MQTTv5)
     coord.tls_set(ca_certs=str(pki.dir / "ca.crt"), certfile=str(pki.dir / "coordinator.crt"),
                   keyfile=str(pki.dir / "coordinator.key"), cert_reqs=ssl.CERT_REQUIRED)
+    burst = threading.Event()
     coord.connect("127.0.0.1", port, 30)
     coord.loop_start()
     watcher = client(pki, port, "monitor", [status])
     stop = threading.Event()
 
     def flood() -> None:
+        """A steady few MB/s that a loaded host keeps up with (else north's PUBACKs wait behind
+        an ever longer backlog at the broker), and a burst of ~2.5 MB as north starts to close:
+        still arriving while it closes its socket."""
         n = 0
         while not stop.is_set():
-            coord.publish(f"{ROOT}/coordinator/round/9/chunk/{n % 50}", os.urandom(500), qos=0)
-            n += 1
-            if n % 20 == 0:
-                time.sleep(0.001)
+            count = 4
+            if burst.wait(0.001):
+                burst.clear()
+                count = 5000
+            for _ in range(count):
+                coord.publish(f"{ROOT}/coordinator/round/9/chunk/{n % 50}", os.urandom(500),
+                              qos=0)
+                n += 1
 
     flooder = threading.Thread(target=flood, daemon=True)
     flooder.start()
+    north = None
     try:
         for attempt in range(3):
             north = Transport(f"fedsilo-{FED}-north", BrokerConfig(port=port, tls=TLSFiles(
@@ -265,8 +274,11 @@ def test_two_way_traffic_over_tls_keeps_one_connection_and_a_clean_stop_is_not_l
                     received += 1
                 except queue.Empty:
                     pass
+                if len(sent) % 5 == 0:  # a few MB/s: acknowledged in time on a loaded host
+                    time.sleep(0.001)
             north.wait_published(sent, 20)
             assert received > 0 and north.connects == 1
+            burst.set()
             north.close(final=(status, f"stopped {attempt}".encode()))
             last, end = None, time.monotonic() + 3
             while time.monotonic() < end:
@@ -280,6 +292,8 @@ def test_two_way_traffic_over_tls_keeps_one_connection_and_a_clean_stop_is_not_l
             assert last == f"stopped {attempt}".encode()
     finally:
         stop.set()
+        if north is not None and north.connected:
+            north.close()
         flooder.join(5)
         coord.disconnect()
         coord.loop_stop()
