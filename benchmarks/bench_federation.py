@@ -33,7 +33,8 @@ from agent.federation.broker import LocalMosquitto
 
 RSS_LINE = re.compile(r"peak RSS ([0-9.]+) MiB")
 PRIVATE_LINE = re.compile(r"now ([0-9.]+) MiB private, ([0-9.]+) MiB file-backed")
-FIRST_STEP = re.compile(r"first training step ([0-9.]+) s after process start")
+FIRST_STEP = re.compile(r"first training step [0-9.]+ s after the task arrived \(([0-9.]+) s after "
+                        r"process start\)")
 
 
 def _from_logs(out: Path, names: list[str], pattern: re.Pattern[str]) -> dict[str, float]:

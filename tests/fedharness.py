@@ -49,11 +49,13 @@ def write_site_config(directory: Path, site: str, federation: str, port: int, ta
 STARTED: list[subprocess.Popen[bytes]] = []  # killed after each test by conftest
 
 
-def start_site(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - the child owns it
+def start_site(config: Path, log: Path, env: dict[str, str] | None = None,
+               append: bool = False) -> subprocess.Popen[bytes]:
+    """`env`: extra environment (e.g. a crash point); `append`: keep the log of a run before."""
+    fh = open(log, "ab" if append else "wb")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen([sys.executable, "-m", "agent", "site", "run", "--config",
                              str(config)], stdout=fh, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     STARTED.append(proc)
     return proc
 
@@ -136,3 +138,29 @@ def breast_cancer_sites(directory: Path, n_sites: int = 3, seed: int = 0):
     test = write(directory / "test.csv", x_te, y_te)
     features = tuple(FeatureSpec(n, "numeric") for n in names)
     return tables, test, features
+
+
+def write_coordinator_files(directory: Path, plan: Plan, port: int) -> tuple[Path, Path, Path]:
+    """(coordinator.toml, plan.toml, state_dir) for a coordinator run as its own process."""
+    from agent.config import plan_to_toml_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = directory / "state"
+    cfg = directory / "coordinator.toml"
+    cfg.write_text(dumps({"coordinator": {"state_dir": str(state)},
+                          "broker": {"host": "127.0.0.1", "port": port}}))
+    plan_file = directory / "plan.toml"
+    plan_file.write_text(dumps(plan_to_toml_dict(plan)))
+    return cfg, plan_file, state
+
+
+def start_coordinator(cfg: Path, plan_file: Path, log: Path,
+                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`fedsilo coordinator run` as a real process (so a test can kill -9 it)."""
+    fh = open(log, "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "coordinator", "run", "--config",
+                             str(cfg), "--plan", str(plan_file)], stdout=fh,
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    STARTED.append(proc)
+    return proc

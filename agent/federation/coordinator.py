@@ -9,10 +9,12 @@ only sequences messages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -26,7 +28,7 @@ import numpy as np
 
 import kernels as kernel_registry
 from agent.config import CoordinatorConfig, Plan, plan_to_toml_dict
-from agent.errors import FedsiloError, ProtocolError
+from agent.errors import BrokerError, DataError, FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.aggregate import FedAvgAccumulator
 from agent.federation.codec import UpdateStream, max_body_len
@@ -36,19 +38,22 @@ from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
 from agent.learn.layout import Layout, build_layout, init_params
-from agent.learn.modelfile import SavedModel, save_model
+from agent.learn.modelfile import SavedModel, load_model, save_model
 from agent.learn.standardize import Moments, MomentsStream, image_standardizer, standardizer
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
+from agent.ops.crashpoints import crash_point
 from agent.ops.sdnotify import Notifier
 from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
-PARAMS = "global.f32"
+PARAMS = "global.f32"  # before checkpoints named their files (still read)
 IMAGE_NORM = "image_norm.f32"
+_STATE_FILE = re.compile(r"[a-z_]+(-[0-9a-f]{16})?\.f32")
 METRICS = "metrics.json"
 MAX_SAMPLES = 10**9
+LOST_ANSWER_GRACE_S = 3.0  # a site's status may overtake the tail of its upload
 
 
 class Stopped(FedsiloError):
@@ -111,6 +116,8 @@ class Coordinator:
         self.image_norm = np.zeros(0, dtype=np.float32)  # [mean | scale] per voxel, imaging only
         self.phase = "stats"
         self.last_error: str | None = None
+        self._republish: Callable[[], int] | None = None  # the open round's task, again
+        self._lost_since: dict[str, float] = {}  # site -> when it said it answered, unseen
         self.transport = Transport(
             f"fedsilo-{self.fed}-{config.coordinator_id}", config.broker,
             will=Will(topics.coordinator_status(self.fed),
@@ -139,37 +146,62 @@ class Coordinator:
         if doc.get("plan_digest") != self.digest:
             raise FedsiloError(f"{path}: checkpoint belongs to another plan; move it away to "
                                "start a new federation")
-        raw = (self.state_dir / PARAMS).read_bytes()
-        if hashlib.sha256(raw).hexdigest() != doc["params_sha256"]:
-            raise FedsiloError(f"{self.state_dir / PARAMS}: digest does not match checkpoint")
-        self.params = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        self.params = self._read_state_vector(doc, "params")
         self.run_id = doc["run"]
         self.phase = doc["phase"]
         self.current_round = doc["round"]
         self.mean = np.asarray(doc["mean"])
         self.scale = np.asarray(doc["scale"])
         self.history = doc["history"]
-        raw_norm = (self.state_dir / IMAGE_NORM).read_bytes()
-        if hashlib.sha256(raw_norm).hexdigest() != doc.get("image_norm_sha256"):
-            raise FedsiloError(f"{self.state_dir / IMAGE_NORM}: digest does not match checkpoint")
-        self.image_norm = np.frombuffer(raw_norm, dtype="<f4").astype(np.float32)
+        self.image_norm = self._read_state_vector(doc, "image_norm")
         log.info("resuming federation %s from checkpoint: phase %s, round %d", self.fed,
                  self.phase, self.current_round)
 
-    def _save_image_norm(self) -> str:
-        raw = self.image_norm.astype("<f4").tobytes()
-        write_bytes_atomic(self.state_dir / IMAGE_NORM, raw)
-        return hashlib.sha256(raw).hexdigest()
+    def _read_state_vector(self, doc: dict[str, Any], name: str) -> np.ndarray:
+        """A float32 vector the checkpoint names, checked against the digest it records."""
+        legacy = {"params": PARAMS, "image_norm": IMAGE_NORM}[name]
+        file = doc.get(f"{name}_file", legacy)
+        if not isinstance(file, str) or not _STATE_FILE.fullmatch(file):
+            raise FedsiloError(f"{self.state_dir / CHECKPOINT}: {name}_file {file!r} is not a "
+                               "file of this state directory")
+        path = self.state_dir / file
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise FedsiloError(f"{path}: cannot read ({exc.strerror or exc}); restore it or "
+                               "move the state directory away to start over") from None
+        if hashlib.sha256(raw).hexdigest() != doc.get(f"{name}_sha256"):
+            raise FedsiloError(f"{path}: digest does not match checkpoint")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+    def _write_state_vector(self, name: str, vector: np.ndarray) -> tuple[str, str]:
+        """Write a vector under a name of its own digest; returns (file, sha256). The file the
+        current checkpoint names is never overwritten, so a crash at any write leaves the
+        previous checkpoint and its files loadable."""
+        raw = vector.astype("<f4").tobytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        file = f"{name}-{digest[:16]}.f32"
+        path = self.state_dir / file
+        if not path.exists():
+            write_bytes_atomic(path, raw)
+        return file, digest
 
     def _save_checkpoint(self) -> None:
-        raw = self.params.astype("<f4").tobytes()
-        write_bytes_atomic(self.state_dir / PARAMS, raw)
+        params_file, params_sha = self._write_state_vector("params", self.params)
+        crash_point("coordinator.params_written")
+        norm_file, norm_sha = self._write_state_vector("image_norm", self.image_norm)
         write_json_atomic(self.state_dir / CHECKPOINT, {
             "federation": self.fed, "plan_digest": self.digest, "run": self.run_id,
             "phase": self.phase, "round": self.current_round,
-            "params_sha256": hashlib.sha256(raw).hexdigest(),
-            "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history,
-            "image_norm_sha256": self._save_image_norm()})
+            "params_file": params_file, "params_sha256": params_sha,
+            "image_norm_file": norm_file, "image_norm_sha256": norm_sha,
+            "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history})
+        crash_point("coordinator.checkpoint_written")
+        keep = {params_file, norm_file}
+        for old in [*self.state_dir.glob("params-*.f32"), *self.state_dir.glob("image_norm-*.f32"),
+                    self.state_dir / PARAMS, self.state_dir / IMAGE_NORM]:
+            if old.name not in keep:
+                old.unlink(missing_ok=True)  # files of checkpoints now replaced
         write_json_atomic(self.state_dir / METRICS, {"federation": self.fed, "run": self.run_id,
                                                      "rounds": self.history})
 
@@ -209,10 +241,37 @@ class Coordinator:
                                  body_kind=kind, body=body, created=time.time(),
                                  meta={"run": self.run_id, "plan": self.plan_doc,
                                        "plan_digest": self.digest, **meta})
-        return self.peer.send_body(topics.coordinator_manifest(self.fed, rnd),
-                                   lambda k: topics.coordinator_chunk(self.fed, rnd, k),
-                                   manifest, body, retain_manifest=True,
-                                   expiry_s=self.plan.round_deadline_s * 4)
+        send = functools.partial(
+            self.peer.send_body, topics.coordinator_manifest(self.fed, rnd),
+            lambda k: topics.coordinator_chunk(self.fed, rnd, k), manifest, body,
+            retain_manifest=True, expiry_s=self.plan.round_deadline_s * 4)
+        self._republish = send
+        return send()
+
+    def _publish_task_again(self, rnd: int, why: str) -> None:
+        """The same task (same manifest and nonce, so sites that have it ignore it) for sites
+        whose copy the broker lost: restarted without persistence, or inside its autosave."""
+        if self._republish is None:
+            return
+        log.warning("round %d: publishing the task again (%s)", rnd, why)
+        try:
+            self._republish()
+        except BrokerError as exc:
+            log.warning("round %d: could not publish the task again: %s", rnd, exc)
+
+    def _ask_for_lost_answers(self, rnd: int, outcome: RoundOutcome, now: float) -> None:
+        """A site whose status says it answered this round, but whose answer never arrived
+        (the broker lost it after acknowledging it), is asked for it again, not waited out."""
+        for site, status in self.site_status.items():
+            if (site in outcome.reports or status.get("run") != self.run_id
+                    or status.get("answered_round") != rnd
+                    or self.peer.reassembler.has_body_from(site, rnd)):
+                self._lost_since.pop(site, None)
+                continue
+            since = self._lost_since.setdefault(site, now)
+            if now - since >= LOST_ANSWER_GRACE_S:
+                self._lost_since[site] = now + LOST_ANSWER_GRACE_S  # ask again later if needed
+                self.peer.ask_whole(site, rnd, topics.coordinator_req(self.fed, site))
 
     def _collect(self, rnd: int, kind: BodyKind,
                  on_body: Callable[[str, Manifest, bytes], dict[str, Any]]) -> RoundOutcome:
@@ -221,6 +280,9 @@ class Coordinator:
         outcome = RoundOutcome()
         start = time.monotonic()
         deadline = start + self.plan.round_deadline_s
+        republish_at = deadline
+        connects = self.transport.connects
+        self._lost_since = {}
         warned = False
         expected = set(self.plan.sites)
         while True:
@@ -236,6 +298,10 @@ class Coordinator:
             if set(outcome.reports) >= expected:
                 break
             now = time.monotonic()
+            self._ask_for_lost_answers(rnd, outcome, now)
+            if self.transport.connects != connects and self.transport.connected:
+                connects = self.transport.connects
+                self._publish_task_again(rnd, "reconnected to the broker")
             if now >= deadline and len(outcome.reports) >= self.plan.min_sites:
                 log.info("round %d deadline: closing with %d of %d sites", rnd,
                          len(outcome.reports), len(expected))
@@ -245,6 +311,10 @@ class Coordinator:
                 log.warning("round %d deadline passed with %d of %d sites (min_sites %d); "
                             "waiting for a quorum", rnd, len(outcome.reports), len(expected),
                             self.plan.min_sites)
+            if now >= republish_at:
+                republish_at = now + self.plan.round_deadline_s
+                self._publish_task_again(rnd, f"{len(outcome.reports)} of {len(expected)} "
+                                              "sites answered by the deadline")
         outcome.seconds = time.monotonic() - start
         return outcome
 
@@ -354,6 +424,7 @@ class Coordinator:
             outcome = self._collect(rnd, BodyKind.UPDATE, take)
         finally:
             self.peer.open_stream = None
+        crash_point("coordinator.updates_collected")
         self.state = State.AGGREGATING
         self.params = acc.apply(self.params)
         wall = time.monotonic() - t_open
@@ -419,10 +490,30 @@ class Coordinator:
         if final is not None:
             self.history.append({"final": final})
         self._save_checkpoint()
-        save_model(self.state_dir / "model", SavedModel(
+        crash_point("coordinator.finished_checkpoint_written")
+        self._announce_finished()
+
+    def _ensure_model(self) -> None:
+        """The model directory holds this run's final model (rewritten from the checkpoint
+        when a crash came before it was written, or while it was)."""
+        directory = self.state_dir / "model"
+        try:
+            saved = load_model(directory)
+            if np.array_equal(saved.params, self.params):
+                return
+        except DataError:
+            pass
+        save_model(directory, SavedModel(
             layout=self.layout, params=self.params, columns=self.columns, mean=self.mean,
             scale=self.scale, plan=self.plan_doc, image_norm=self.image_norm),
             extra={"run": self.run_id})
+        log.info("final model written to %s", directory)
+
+    def _announce_finished(self) -> None:
+        """Model on disk, then the retained finished control: done on every start of a
+        finished federation too, since a crash may have come between the checkpoint and
+        either of them (sites wait for the control to stop)."""
+        self._ensure_model()
         manifest = make_manifest(federation=self.fed, round=self.plan.rounds + 1,
                                  sender="coordinator", body_kind=BodyKind.FINISHED, body=b"",
                                  created=time.time(), meta={"run": self.run_id})
@@ -458,8 +549,7 @@ class Coordinator:
                 final = self._evaluate_phase()
                 self._finish(final)
             else:
-                self.state = State.FINISHED
-                self._publish_status()
+                self._announce_finished()
             return final or next((h["final"] for h in self.history if "final" in h), {})
         finally:
             self.notifier.stopping()

@@ -176,6 +176,9 @@ def chunk_header(manifest: Manifest, index: int) -> dict[str, Any]:
             "body_digest": manifest.body_digest, "nonce": manifest.nonce, "index": index}
 
 
+WHOLE_BODY = "0" * 64  # resend request for a whole body whose manifest never arrived
+
+
 def resend_header(*, federation: str, round: int, sender: str, body_digest: str,
                   missing: list[int]) -> dict[str, Any]:
     return {"kind": MessageKind.RESEND.value, "federation": federation, "round": round,

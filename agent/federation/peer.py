@@ -23,6 +23,7 @@ from agent.federation import envelope, topics
 from agent.federation.envelope import Manifest, MessageKind
 from agent.federation.reassembly import Reassembler, Sink
 from agent.federation.transport import Transport
+from agent.ops.crashpoints import crash_point
 
 if TYPE_CHECKING:  # cryptography is imported only when a process has an identity
     from agent.security.signing import Signer, Verifier
@@ -75,8 +76,10 @@ class StatusSeen:
 class _Outgoing:
     manifest: Manifest
     body: bytes
+    manifest_topic: str
     chunk_topic: Callable[[int], str]
     expiry_s: float | None
+    retain_manifest: bool = False
 
 
 class Peer:
@@ -106,18 +109,36 @@ class Peer:
     def send_body(self, manifest_topic: str, chunk_topic: Callable[[int], str],
                   manifest: Manifest, body: bytes, *, retain_manifest: bool = False,
                   expiry_s: float | None = None, wait_s: float = PUBLISH_TIMEOUT_S) -> int:
-        """Publish manifest then chunks, wait for every acknowledgement; returns bytes sent."""
-        self._outgoing[(manifest.round, manifest.body_digest)] = _Outgoing(
-            manifest, body, chunk_topic, expiry_s)
+        """Publish manifest then chunks, wait for every acknowledgement; returns bytes sent.
+        Sending the same manifest again is harmless: receivers key bodies by its nonce."""
+        out = self.keep_sent(manifest_topic, chunk_topic, manifest, body,
+                             retain_manifest=retain_manifest, expiry_s=expiry_s)
+        return self._publish(out, wait_s)
+
+    def keep_sent(self, manifest_topic: str, chunk_topic: Callable[[int], str],
+                  manifest: Manifest, body: bytes, *, retain_manifest: bool = False,
+                  expiry_s: float | None = None) -> _Outgoing:
+        """Remember a body as sent, to answer resend requests for it (also one sent by an
+        earlier process, kept on disk)."""
+        out = _Outgoing(manifest, body, manifest_topic, chunk_topic, expiry_s, retain_manifest)
+        self._outgoing[(manifest.round, manifest.body_digest)] = out
+        return out
+
+    def _publish(self, out: _Outgoing, wait_s: float) -> int:
+        manifest, body = out.manifest, out.body
         header = manifest.header()
         if self.trust is not None:
             header = self.trust.signer.sign(header)
         head = envelope.encode(header)
-        infos = [self.transport.publish(manifest_topic, head, retain=retain_manifest)]
+        infos = [self.transport.publish(out.manifest_topic, head, retain=out.retain_manifest)]
         sent = len(head)
         for index, payload in envelope.iter_chunks(manifest, body):
-            infos.append(self.transport.publish(chunk_topic(index), payload, expiry_s=expiry_s))
+            infos.append(self.transport.publish(out.chunk_topic(index), payload,
+                                                expiry_s=out.expiry_s))
             sent += len(payload)
+            if index == 0 and manifest.n_chunks > 1:
+                crash_point("peer.upload_partial",
+                            before=lambda: self.transport.wait_published(infos, wait_s))
         self.transport.wait_published(infos, wait_s)
         self.bytes_sent += sent
         return sent
@@ -128,6 +149,14 @@ class Peer:
 
     def _serve_resend(self, header: dict[str, Any]) -> None:
         fed, rnd, _sender, digest, missing = envelope.parse_resend(header)
+        if fed == self.federation and digest == envelope.WHOLE_BODY:
+            # "Everything you sent for this round": its manifest was lost on the way.
+            out = next((o for (r, _d), o in self._outgoing.items() if r == rnd), None)
+            if out is None:
+                raise ProtocolError("resend_unknown_body", f"round {rnd}")
+            log.info("sending round %d's %s again, as asked", rnd, out.manifest.body_kind.value)
+            self._publish(out, PUBLISH_TIMEOUT_S)
+            return
         out = self._outgoing.get((rnd, digest))
         if fed != self.federation or out is None:
             raise ProtocolError("resend_unknown_body", f"round {rnd}")
@@ -142,6 +171,17 @@ class Peer:
             self.bytes_sent += len(payload)
         self.transport.wait_published(infos, PUBLISH_TIMEOUT_S)
         log.info("resent %d chunk(s) of round %d", len(missing), rnd)
+
+    def ask_whole(self, peer: str, rnd: int, req_topic: str) -> None:
+        """Ask a peer for everything it sent this round (we never saw its manifest)."""
+        head = envelope.resend_header(federation=self.federation, round=rnd,
+                                      sender=self.identity, body_digest=envelope.WHOLE_BODY,
+                                      missing=[])
+        if self.trust is not None:
+            head = self.trust.signer.sign(head)
+        log.info("asking %s to send its round %d answer again (it says it sent one; none "
+                 "arrived)", peer, rnd)
+        self.transport.publish(req_topic, envelope.encode(head))
 
     def request_missing(self, req_topic: Callable[[Manifest], str]) -> None:
         """Ask senders again for chunks that stopped arriving (never trust broker queues)."""

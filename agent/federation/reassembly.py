@@ -80,6 +80,10 @@ class Reassembler:
         key = self.key_of(m)
         return key in self._done or key in self._pending
 
+    def has_body_from(self, sender: str, rnd: int) -> bool:
+        """Whether any body from this sender for this round is known (arriving or done)."""
+        return any(k[0] == sender and k[1] == rnd for k in (*self._pending, *self._done))
+
     def refuse(self, m: Manifest) -> None:
         """Ignore this body from now on (its manifest was refused): no chunk of it is kept."""
         key = self.key_of(m)
@@ -129,6 +133,8 @@ class Reassembler:
     def _take(self, key: Key, p: _Pending, index: int, data: bytes) -> None:
         """Check a chunk, then buffer it or stream it; a sink's refusal ends the body."""
         self._check(p, index, data)
+        if index in p.have:
+            return  # a duplicate (a resend crossed the first copy)
         if p.sink is None:
             a, b = p.manifest.chunk_span(index)
             p.buffer[a:b] = data

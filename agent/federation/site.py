@@ -29,6 +29,7 @@ from agent.errors import DataError, FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.codec import encode_update, kept_count, rounding_seed
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
+from agent.federation.outbox import Outbox, Reply
 from agent.federation.peer import BodyReady, Peer, Trust
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import EncodedTable, load_table
@@ -38,6 +39,7 @@ from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
 from agent.learn.trainer import train_local
 from agent.ops.atomic import write_atomic, write_json_atomic
+from agent.ops.crashpoints import crash_point
 from agent.ops.hardware import (
     apply_profile,
     backend_for,
@@ -152,10 +154,16 @@ class Site:
         self.round: int | None = None
         self.run_id: str | None = None
         self.answered: set[tuple[int, str]] = set()  # (round, manifest nonce)
+        self.finished_runs: list[str] = []  # runs this site saw finish (oldest first)
+        self.answered_round: int | None = None  # the last round whose reply was acknowledged
+        self.outbox = Outbox(config.state_dir)
         self.plan: Plan | None = None
         self.data: LocalData | None = None
         self.last_error: str | None = None
-        self.first_step_after_start_s: float | None = None
+        self.first_step_after_start_s: float | None = None  # cold start, once per process
+        self.first_step_after_task_s: float | None = None  # of the latest training task
+        self._task_arrived: float | None = None
+        self._first_step_pending = False
         self.ingest: IngestService | None = None
         self._std_images: np.ndarray | None = None
         self._image_norm_digest: str | None = None
@@ -195,11 +203,15 @@ class Site:
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         extra["cert_days_left"] = self.transport.cert_days_left()
         extra["last_round_ok_ts"] = self.last_round_ok_ts
+        extra["run"] = self.run_id
+        extra["answered_round"] = self.answered_round  # the coordinator asks again if lost
         extra["throttled"] = self.throttle_reason is not None
         extra["throttle_reason"] = self.throttle_reason
         extra.update(host_vitals(self.config.state_dir))
         if self.first_step_after_start_s is not None:
             extra["first_step_after_start_s"] = round(self.first_step_after_start_s, 3)
+        if self.first_step_after_task_s is not None:
+            extra["first_step_after_task_s"] = round(self.first_step_after_task_s, 3)
         return extra
 
     def publish_status(self) -> None:
@@ -210,20 +222,47 @@ class Site:
         self.transport.publish(topics.site_status(self.fed, self.site_id), encode_status(doc),
                                retain=True)
 
-    def _reply(self, task: Manifest, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> None:
-        rnd = task.round
-        self.state = State.UPLOADING
-        manifest = make_manifest(federation=self.fed, round=rnd, sender=self.site_id,
+    def _reply(self, task: Manifest, kind: BodyKind, body: bytes, meta: dict[str, Any],
+               residual: np.ndarray | None = None) -> None:
+        """Keep the reply on disk (with the residual it leaves), then send it."""
+        assert self.run_id is not None
+        manifest = make_manifest(federation=self.fed, round=task.round, sender=self.site_id,
                                  body_kind=kind, body=body, created=time.time(),
                                  meta={"run": self.run_id, **meta})
+        reply = Reply(self.run_id, task.body_digest, manifest, body, residual)
+        self.outbox.put(reply)
+        self._send_reply(reply, task)
+
+    def _send_reply(self, reply: Reply, task: Manifest) -> None:
+        """Send a kept reply, then keep what it leaves: its residual, then the round as
+        answered. A crash anywhere in between sends the same reply again at restart."""
+        rnd = reply.manifest.round
+        self.state = State.UPLOADING
         self.peer.forget_sent_before(rnd)
         self.peer.send_body(topics.site_manifest(self.fed, self.site_id, rnd),
                             lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
-                            manifest, body)
+                            reply.manifest, reply.body)
+        if reply.residual is not None:
+            self._save_residual(reply.residual)
+        crash_point("site.residual_saved")
         self.answered.add((rnd, task.nonce))
+        self.answered_round = rnd
         self._save_state()
         self.state = State.IDLE
         self.publish_status()
+
+    def _resend_kept_reply(self, m: Manifest) -> bool:
+        """A task already answered (before this site restarted, or before the coordinator
+        restarted and re-issued it with the same parameters): send that same reply again."""
+        kept = self.outbox.get(MAX_TASK_BYTES)
+        if kept is None or (kept.run, kept.task_digest, kept.manifest.round) \
+                != (self.run_id, m.body_digest, m.round):
+            return False
+        log.info("round %d was answered before: sending the same %s again", m.round,
+                 kept.manifest.body_kind.value)
+        self.round = m.round
+        self._send_reply(kept, m)
+        return True
 
     # ------------------------------------------------------------------ data
 
@@ -312,6 +351,8 @@ class Site:
     # ------------------------------------------------------------------ tasks
 
     def _on_task(self, m: Manifest, body: bytes) -> None:
+        self._task_arrived = time.monotonic()
+        self._first_step_pending = True
         meta = m.meta
         run = meta.get("run")
         if not isinstance(run, str):
@@ -322,6 +363,8 @@ class Site:
             self.run_id, self.answered = run, set()
         if (m.round, m.nonce) in self.answered:
             return  # a retained manifest seen again after reconnect: already answered
+        if self._resend_kept_reply(m):
+            return
         # A new manifest for a round we answered means the coordinator re-opened it
         # (it restarted mid-round): answer again.
         try:
@@ -369,6 +412,7 @@ class Site:
                      cap, self.profile.name)
             training = replace(training, batch_size=cap)
         self._yield_to_clinical_work()
+        log.info("round %d: training on %d rows", m.round, data.train.size)
         result = train_local(layout, params, x[data.train], data.y[data.train],
                              training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step,
@@ -381,12 +425,9 @@ class Site:
                                 kernels=self.kernels, residual=residual)
         report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
-        self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta})
+        self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta},
+                    residual=encoded.residual)
         self.last_round_ok_ts = round(time.time(), 3)
-        if encoded.residual is not None:
-            # Kept only once the update is out: a crash before this re-answers the round
-            # from the old residual, so nothing is counted twice.
-            self._save_residual(encoded.residual)
         report |= {"bytes_up": len(encoded.body), "update_raw_bytes": encoded.raw_bytes}
         self._publish_metrics(m.round, report)
 
@@ -424,10 +465,17 @@ class Site:
         self.transport.publish(topics.site_metrics(self.fed, self.site_id), encode_status(doc))
 
     def _first_step(self) -> None:
+        """Time to the first optimizer step, from the task's arrival (what the site itself
+        costs a round), and once per process from its start (the cold-start figure, which
+        also counts any wait for the coordinator)."""
+        if not self._first_step_pending or self._task_arrived is None:
+            return
+        self._first_step_pending = False
+        self.first_step_after_task_s = time.monotonic() - self._task_arrived
         if self.first_step_after_start_s is None:
             self.first_step_after_start_s = time.time() - self.process_start
-            log.info("first training step %.2f s after process start",
-                     self.first_step_after_start_s)
+            log.info("first training step %.2f s after the task arrived (%.2f s after process "
+                     "start)", self.first_step_after_task_s, self.first_step_after_start_s)
 
     @property
     def _state_file(self) -> Path:
@@ -436,7 +484,8 @@ class Site:
     def _save_state(self) -> None:
         """Remember which tasks were answered, so a restarted site does not train them again."""
         write_json_atomic(self._state_file, {"federation": self.fed, "run": self.run_id,
-                                             "answered": sorted(self.answered)})
+                                             "answered": sorted(self.answered),
+                                             "finished_runs": self.finished_runs})
 
     def _load_state(self) -> None:
         try:
@@ -444,6 +493,9 @@ class Site:
             if doc.get("federation") == self.fed and isinstance(doc.get("run"), str):
                 self.run_id = doc["run"]
                 self.answered = {(int(r), str(n)) for r, n in doc.get("answered", [])}
+            finished = doc.get("finished_runs", [])
+            if isinstance(finished, list):
+                self.finished_runs = [str(r) for r in finished][-16:]
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError) as exc:
@@ -455,9 +507,10 @@ class Site:
         """Handle one complete body from the coordinator; True when the federation finished."""
         m = event.manifest
         if event.topic.kind == "control":
-            if m.body_kind is BodyKind.FINISHED:
-                log.info("federation %s finished", self.fed)
-                return True
+            return m.body_kind is BodyKind.FINISHED and self._on_finished(m)
+        if m.meta.get("run") in self.finished_runs:
+            log.info("ignoring a round %d task of run %s, which finished earlier", m.round,
+                     m.meta.get("run"))
             return False
         try:
             if m.body_kind not in (BodyKind.STATS_TASK, BodyKind.TASK, BodyKind.EVALUATE):
@@ -477,6 +530,20 @@ class Site:
             log.exception("internal error while handling round %d", m.round)
             self._fail("internal_error", "see the log above")
         return False
+
+    def _on_finished(self, m: Manifest) -> bool:
+        """True when the run this site takes part in finished. A retained "finished" of any
+        other run (an earlier run of the same federation id, one this site never joined, or
+        one it already saw finish) is history: the site keeps waiting for the next run."""
+        run = m.meta.get("run")
+        if not isinstance(run, str) or run in self.finished_runs or run != self.run_id:
+            log.info("federation %s: run %s finished earlier; waiting for a new run", self.fed,
+                     run if isinstance(run, str) else "?")
+            return False
+        log.info("federation %s finished (run %s)", self.fed, run)
+        self.finished_runs = [*self.finished_runs, run][-16:]
+        self._save_state()
+        return True
 
     def _fail(self, code: str, message: str) -> None:
         self.last_error = code
@@ -517,6 +584,12 @@ class Site:
         self.notifier.status("starting")
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_state()
+        kept = self.outbox.get(MAX_TASK_BYTES)
+        if kept is not None and kept.run == self.run_id:  # resend requests may name it
+            rnd = kept.manifest.round
+            self.peer.keep_sent(topics.site_manifest(self.fed, self.site_id, rnd),
+                                lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
+                                kept.manifest, kept.body)
         if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
             self._ingest_service()
         self.transport.connect()
