@@ -36,6 +36,10 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" zabbix-agent2 "* ]] && command -v systemctl >/dev/null 2>&1; then
+        # the test runs its own agent; the package's system service is not wanted here
+        systemctl disable --now zabbix-agent2.service >/dev/null 2>&1 || true
+    fi
     exit 0
 fi
 echo "missing system packages: run 'sudo apt-get install ${missing[*]}' and try again" >&2
