@@ -143,13 +143,23 @@ def _cmd_pki(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker_config(args: argparse.Namespace) -> int:
-    from agent.security.brokerconf import load_roster, write_broker_config
+    from agent.security.brokerconf import (
+        load_roster,
+        parse_monitor_listener,
+        write_broker_config,
+    )
     from agent.security.pki import PKI
 
+    monitor = (parse_monitor_listener(args.monitor_listener, args.port)
+               if args.monitor_listener else None)
     conf = write_broker_config(PKI(Path(args.pki)), load_roster(Path(args.roster)), args.port,
                                Path(args.out), bind=args.bind,
-                               hosts=tuple(args.host or ("localhost", "127.0.0.1")))
+                               hosts=tuple(args.host or ("localhost", "127.0.0.1")),
+                               monitor_listener=monitor)
     print(f"{conf}: run it with `mosquitto -c {conf}`")
+    if monitor:
+        print(f"plaintext monitor listener {args.monitor_listener}: user monitor, password in "
+              f"{Path(args.out) / 'monitor.password'}")
     return 0
 
 
@@ -375,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--host", action="append", default=None,
                     help="name or IP clients use to reach the broker (repeatable; default "
                          "localhost and 127.0.0.1)")
+    bc.add_argument("--monitor-listener", metavar="ADDRESS:PORT",
+                    help="also a read-only plaintext listener for monitoring agents without "
+                         "client certificates (user monitor; default off; docs/monitoring.md)")
     bc.set_defaults(func=_cmd_broker_config)
 
     st = sub.add_parser("status", help="every site and coordinator from the broker's retained "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
 # MQTT broker), dcmtk (storescu/storescp, the real DICOM peers), systemd-analyze (the unit
-# checks) and chromium (the report's rendering test). Installs the Debian packages
+# checks), chromium (the report's rendering test) and zabbix-agent2 (the monitoring snippet's
+# test runs the agent Debian ships). Installs the Debian packages
 # when missing and running as root; otherwise says exactly what to install.
 set -euo pipefail
 missing=()
@@ -26,12 +27,19 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)  # renders the HTML report headless in its test
 fi
+if ! command -v zabbix_agent2 >/dev/null 2>&1 && [ ! -x /usr/sbin/zabbix_agent2 ]; then
+    missing+=(zabbix-agent2)  # docs/monitoring.md's Zabbix snippet is tested against it
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian packages: ${missing[*]} ..."
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" zabbix-agent2 "* ]] && command -v systemctl >/dev/null 2>&1; then
+        # the test runs its own agent; the package's system service is not wanted here
+        systemctl disable --now zabbix-agent2.service >/dev/null 2>&1 || true
+    fi
     exit 0
 fi
 echo "missing system packages: run 'sudo apt-get install ${missing[*]}' and try again" >&2

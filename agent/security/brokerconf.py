@@ -6,12 +6,21 @@ the certificate's common name taken as username and client id (so no client can 
 session), no anonymous access, an ACL that confines each site to its own topics, and packets
 sized for 1 MiB chunks. Everything the broker reads is written into one directory, so
 `mosquitto -c DIR/mosquitto.conf` runs it as it is.
+
+Opt-in, a second, plaintext listener for monitoring agents that cannot present a client
+certificate (Debian 12's zabbix-agent2 6.0.14): bound to one given address, it admits only the
+user `monitor` with a generated password, forces the client id to that name (nobody on it can
+push a site off) and the monitor ACL applies, so it reads status and metrics and publishes
+nothing (docs/monitoring.md).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import pwd
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,8 @@ from agent.ops.status import home_assistant_discovery
 from agent.security.pki import PKI, RESERVED, SITE_ID
 
 MAX_PACKET = 2_000_000  # 1 MiB chunks + envelope header, with margin (Mosquitto 2.1's default)
+MONITOR_USER = "monitor"
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::", "*", "[::]")
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,42 @@ def acl_text(roster: Roster) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_monitor_listener(text: str, tls_port: int) -> tuple[str, int]:
+    """`--monitor-listener ADDRESS:PORT`: one concrete address (plaintext must not face every
+    network), a port other than the TLS one."""
+    flag = "--monitor-listener"
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError("fedsilo broker-config", flag, f"{text!r} is not ADDRESS:PORT")
+    if host in WILDCARD_ADDRESSES:
+        raise ConfigError("fedsilo broker-config", flag, f"{text!r}: give one address (e.g. "
+                          "127.0.0.1), not all interfaces: this listener is plaintext")
+    if int(port) == tls_port:
+        raise ConfigError("fedsilo broker-config", flag, f"port {port} is the TLS listener's")
+    return host.strip("[]"), int(port)
+
+
+def mosquitto_password_line(user: str, password: str) -> str:
+    """A Mosquitto 2 password-file line (PBKDF2-SHA512, the format `mosquitto_passwd` writes)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return (f"{user}:$7$101${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}\n")
+
+
+def monitor_listener_text(out: Path, host: str, port: int) -> str:
+    """Listener options that follow `listener` apply to it; `password_file` is global, but the
+    TLS listener takes identities from certificates and never reads it."""
+    out = out.resolve()
+    return "\n".join([
+        "# read-only plaintext listener for monitoring agents without a client certificate",
+        f"# (--monitor-listener): user {MONITOR_USER}, password in {out}/monitor.password",
+        f"listener {port} {host}",
+        "use_username_as_clientid true",
+        f"password_file {out}/passwd",
+    ]) + "\n"
+
+
 def config_text(out: Path, port: int, bind: str) -> str:
     out = out.resolve()
     return "\n".join([
@@ -110,9 +157,13 @@ def config_text(out: Path, port: int, bind: str) -> str:
 def write_broker_config(pki: PKI, roster: Roster, port: int, out: Path, *,
                         bind: str = "0.0.0.0", hosts: tuple[str, ...] = ("localhost",
                                                                           "127.0.0.1"),
-                        broker_user: str = "mosquitto") -> Path:
+                        broker_user: str = "mosquitto",
+                        monitor_listener: tuple[str, int] | None = None) -> Path:
     """Write DIR/mosquitto.conf, DIR/acl, the broker's certificate and key (issued from the
     CA for `hosts`), the CA certificate and the current CRL; returns the config's path.
+    With `monitor_listener` (address, port) also the plaintext monitor listener, its password
+    file DIR/passwd and the password in DIR/monitor.password (kept when it exists, so
+    regenerating does not break the monitoring's stored password).
 
     Mosquitto started as root drops to its own user before it reads its key, ACL and
     persistence, so when we run as root those files are handed to `broker_user` (the key stays
@@ -128,17 +179,36 @@ def write_broker_config(pki: PKI, roster: Roster, port: int, out: Path, *,
     (out / "data").mkdir(exist_ok=True)
     issued = pki.issue("broker", "broker", hosts=hosts)
     shutil.copyfile(issued.cert, out / "broker.crt")
-    fd = os.open(out / "broker.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(issued.key.read_bytes())
+    _private(out / "broker.key", issued.key.read_text())
     for name in ("ca.crt", "crl.pem"):
         shutil.copyfile(pki.dir / name, out / name)
     (out / "acl").write_text(acl_text(roster))
     conf = out / "mosquitto.conf"
-    conf.write_text(config_text(out, port, bind))
+    text = config_text(out, port, bind)
+    handed = [out, out / "data", out / "mosquitto.log", out / "broker.key"]
+    if monitor_listener is not None:
+        text += monitor_listener_text(out, *monitor_listener)
+        _private(out / "passwd", mosquitto_password_line(MONITOR_USER, _monitor_password(out)))
+        handed.append(out / "passwd")
+    conf.write_text(text)
     (out / "mosquitto.log").touch()
-    _hand_to(broker_user, out, [out, out / "data", out / "mosquitto.log", out / "broker.key"])
+    _hand_to(broker_user, out, handed)
     return conf
+
+
+def _private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _monitor_password(out: Path) -> str:
+    path = out / "monitor.password"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(24)
+    _private(path, password + "\n")
+    return password
 
 
 def _hand_to(user: str, out: Path, paths: list[Path]) -> None:
