@@ -46,9 +46,10 @@ def _stop_on_signals(event) -> None:
 
 def _cmd_site_run(args: argparse.Namespace) -> int:
     from agent.config import load_site_config
+    from agent.config.verify import verify_site
     from agent.federation.site import Site
 
-    site = Site(load_site_config(args.config), backend=args.backend,
+    site = Site(verify_site(load_site_config(args.config)), backend=args.backend,
                 process_start=_process_start())
     _stop_on_signals(site.stop_event)
     return site.run(exit_when_finished=not args.keep_running)
@@ -56,9 +57,11 @@ def _cmd_site_run(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator_run(args: argparse.Namespace) -> int:
     from agent.config import load_coordinator_config, load_plan
+    from agent.config.verify import verify_coordinator
     from agent.federation.coordinator import Coordinator, Stopped
 
-    coordinator = Coordinator(load_coordinator_config(args.config), load_plan(args.plan),
+    coordinator = Coordinator(verify_coordinator(load_coordinator_config(args.config)),
+                              load_plan(args.plan),
                               backend=args.backend)
     _stop_on_signals(coordinator.stop_event)
     try:
