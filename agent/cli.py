@@ -237,6 +237,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from agent.learn.predict import run_predict
+
+    return run_predict(Path(args.model), Path(args.table), Path(args.out) if args.out else None,
+                       args.id_column)
+
+
 def _cmd_hardware_show(args: argparse.Namespace) -> int:
     import json
 
@@ -327,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON "
                                                             "object")
     ingest.set_defaults(func=_cmd_ingest)
+
+    pr = sub.add_parser("predict", help="score a table with a saved model: probability per "
+                                        "row, AUC when the table has the outcome column")
+    pr.add_argument("--model", required=True, help="model directory (<state_dir>/model/)")
+    pr.add_argument("--table", required=True, help="CSV or Parquet table, columns as in the plan")
+    pr.add_argument("--out", help="CSV file to write (default: stdout, summary on stderr)")
+    pr.add_argument("--id-column", help="key rows by this column (default: row number)")
+    pr.set_defaults(func=_cmd_predict)
 
     hw = sub.add_parser("hardware", help="host facts, kernel backends and hardware profile")
     hw_sub = hw.add_subparsers(dest="hardware_command", required=True)
