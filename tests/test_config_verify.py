@@ -163,9 +163,10 @@ def test_a_revoked_certificate_is_refused_when_the_crl_lists_it(tmp_path, pkis):
 def test_the_coordinator_identity_must_be_the_coordinator(tmp_path, pkis):
     path = tmp_path / "coordinator.toml"
     good = identity(pkis, "pki/ca.crt", "pki/coordinator.crt", "pki/coordinator.key")
-    path.write_text('[coordinator]\nstate_dir = "s"\n' + good)
-    run = fedsilo("config", "check", path)
-    assert run.returncode == 0, run.stderr
+    for head in ('[coordinator]\nstate_dir = "s"\n', '[coordinator]\nstate_dir = "s"\nid = "c2"\n'):
+        path.write_text(head + good)  # coordinator.id names the client, not the certificate
+        run = fedsilo("config", "check", path)
+        assert run.returncode == 0, run.stderr
     path.write_text('[coordinator]\nstate_dir = "s"\n' +
                     identity(pkis, "pki/ca.crt", "pki/north.crt", "pki/north.key"))
     refused(fedsilo("config", "check", path), f"{path}: identity.cert: ",
@@ -204,3 +205,27 @@ def test_the_signer_names_the_key_file_when_the_key_is_garbage(pkis):
         Signer(pkis / "pki" / "north.crt", pkis / "garbage.key")
     assert info.value.file == str(pkis / "garbage.key")
     assert "not a PEM private key" in str(info.value)
+
+
+def test_expired_not_yet_valid_and_encrypted_identities_are_refused(tmp_path, pkis):
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.security.pki import PKI
+
+    pki = PKI(pkis / "pki")
+    now = dt.datetime.now(dt.timezone.utc)
+    for name, start, problem in (("old", now - dt.timedelta(days=400), "expired on"),
+                                 ("early", now + dt.timedelta(days=2), "not valid before")):
+        pki.issue("site", name, not_before=start, days=365)
+        extra = identity(pkis, "pki/ca.crt", f"pki/{name}.crt", f"pki/{name}.key")
+        refused(fedsilo("config", "check", site_config(tmp_path, pkis, site=name, extra=extra)),
+                "identity.cert: ", f"{pkis}/pki/{name}.crt: {problem}")
+    key = serialization.load_pem_private_key((pkis / "pki" / "north.key").read_bytes(), None)
+    (pkis / "locked.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    extra = identity(pkis, "pki/ca.crt", "pki/north.crt", "locked.key")
+    refused(fedsilo("config", "check", site_config(tmp_path, pkis, extra=extra)),
+            "identity.key: ", f"{pkis}/locked.key: private key is encrypted")

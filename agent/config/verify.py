@@ -28,8 +28,10 @@ def verify_site(cfg: SiteConfig) -> SiteConfig:
 
 
 def verify_coordinator(cfg: CoordinatorConfig) -> CoordinatorConfig:
-    """The coordinator's identity files are usable; returns `cfg`."""
-    _verify_identity(cfg.source, cfg.identity, cfg.broker, cfg.coordinator_id, "coordinator")
+    """The coordinator's identity files are usable; returns `cfg`. Its certificate is the
+    `coordinator` identity whatever `coordinator.id` says: that is the sender peers check on
+    coordinator topics (`Trust.load`) and the only coordinator name `fedsilo pki` issues."""
+    _verify_identity(cfg.source, cfg.identity, cfg.broker, "coordinator", "coordinator")
     return cfg
 
 
