@@ -61,8 +61,7 @@ def _cmd_coordinator_run(args: argparse.Namespace) -> int:
     from agent.federation.coordinator import Coordinator, Stopped
 
     coordinator = Coordinator(verify_coordinator(load_coordinator_config(args.config)),
-                              load_plan(args.plan),
-                              backend=args.backend)
+                              load_plan(args.plan), backend=args.backend)
     _stop_on_signals(coordinator.stop_event)
     try:
         final = coordinator.run()
