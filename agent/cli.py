@@ -46,9 +46,10 @@ def _stop_on_signals(event) -> None:
 
 def _cmd_site_run(args: argparse.Namespace) -> int:
     from agent.config import load_site_config
+    from agent.config.verify import verify_site
     from agent.federation.site import Site
 
-    site = Site(load_site_config(args.config), backend=args.backend,
+    site = Site(verify_site(load_site_config(args.config)), backend=args.backend,
                 process_start=_process_start())
     _stop_on_signals(site.stop_event)
     return site.run(exit_when_finished=not args.keep_running)
@@ -56,10 +57,11 @@ def _cmd_site_run(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator_run(args: argparse.Namespace) -> int:
     from agent.config import load_coordinator_config, load_plan
+    from agent.config.verify import verify_coordinator
     from agent.federation.coordinator import Coordinator, Stopped
 
-    coordinator = Coordinator(load_coordinator_config(args.config), load_plan(args.plan),
-                              backend=args.backend)
+    coordinator = Coordinator(verify_coordinator(load_coordinator_config(args.config)),
+                              load_plan(args.plan), backend=args.backend)
     _stop_on_signals(coordinator.stop_event)
     try:
         final = coordinator.run()
@@ -244,6 +246,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from agent.learn.predict import run_predict
+
+    return run_predict(Path(args.model), Path(args.table), Path(args.out) if args.out else None,
+                       args.id_column)
+
+
 def _cmd_hardware_show(args: argparse.Namespace) -> int:
     import json
 
@@ -334,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON "
                                                             "object")
     ingest.set_defaults(func=_cmd_ingest)
+
+    pr = sub.add_parser("predict", help="score a table with a saved model: probability per "
+                                        "row, AUC when the table has the outcome column")
+    pr.add_argument("--model", required=True, help="model directory (<state_dir>/model/)")
+    pr.add_argument("--table", required=True, help="CSV or Parquet table, columns as in the plan")
+    pr.add_argument("--out", help="CSV file to write (default: stdout, summary on stderr)")
+    pr.add_argument("--id-column", help="key rows by this column (default: row number)")
+    pr.set_defaults(func=_cmd_predict)
 
     hw = sub.add_parser("hardware", help="host facts, kernel backends and hardware profile")
     hw_sub = hw.add_subparsers(dest="hardware_command", required=True)

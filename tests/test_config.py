@@ -177,6 +177,7 @@ def test_unreadable_and_invalid_toml(tmp_path):
 
 
 def test_check_file_detects_each_kind(tmp_path):
+    (tmp_path / "clinical.csv").write_text("age,sex,good_outcome\n61,male,1\n")
     assert check_file(write(tmp_path, PLAN, "plan.toml")) == "plan"
     assert check_file(write(tmp_path, SITE, "site.toml")) == "site"
     assert check_file(write(tmp_path, '[coordinator]\nstate_dir = "s"\n', "c.toml")) == \

@@ -294,3 +294,30 @@ def test_garbage_lines_never_raise_and_valid_rows_survive(tmp_path, garbage, see
     kept = {pid: (t.y[r], *t.x[r]) for r, pid in enumerate(t.ids)}
     for pid, y, age, sex, nihss in VALID:
         assert kept[pid] == (y, age, float(sex == "female"), float(sex == "male"), nihss)
+
+
+def test_without_target_every_row_is_read_and_row_numbers_are_kept(tmp_path):
+    """Scoring new patients (`fedsilo predict`): no outcome column needed, y is NaN, and each
+    kept row says where it was (blank lines are not rows)."""
+    text = "patient_id,age,sex,nihss\nP1,71,male,4\n\nP2,x,male,4\nP3,80,female,12\n"
+    t = load_table(write(tmp_path, text), FEATURES, None, "mean", "patient_id")
+    assert t.ids == ("P1", "P3") and t.skipped == {"unparseable:age": 1}
+    np.testing.assert_array_equal(t.row_numbers, [1, 3])
+    assert t.y.shape == (2,) and np.isnan(t.y).all()
+    pq.write_table(pa.table({"age": [71.0, None, 80.0], "sex": ["male", "male", "dog"],
+                             "nihss": [4, 5, 12]}), tmp_path / "t.parquet")
+    p = load_table(tmp_path / "t.parquet", FEATURES, None, "mean")
+    assert p.skipped == {"unknown_level:sex": 1}
+    np.testing.assert_array_equal(p.row_numbers, [1, 2])
+    with_target = load(write(tmp_path, HEADER + "P1,,71,male,4\nP2,1,80,female,12\n"))
+    np.testing.assert_array_equal(with_target.row_numbers, [2])
+
+
+def test_read_header_reads_only_the_header(tmp_path):
+    from agent.ingest.tables import read_header
+
+    assert read_header(write(tmp_path, "\na;b;c\n1;2\n")) == ("a", "b", "c")
+    pq.write_table(pa.table({"x": [1], "y": [2]}), tmp_path / "t.parquet")
+    assert read_header(tmp_path / "t.parquet") == ("x", "y")
+    with pytest.raises(DataError, match="empty file"):
+        read_header(write(tmp_path, "\n \n"))

@@ -60,11 +60,14 @@ __all__ = [
 
 
 def check_file(path: str | Path) -> str:
-    """Validate any fedsilo TOML file; returns its kind ('site', 'coordinator' or 'plan')."""
+    """Validate any fedsilo TOML file, and what a config points at (its table, certificates
+    and keys: `verify`); returns its kind ('site', 'coordinator' or 'plan')."""
     path = Path(path)
     doc = _read_toml(path)
+    from agent.config.verify import verify_coordinator, verify_site
+
     if "site" in doc:
-        site = load_site_config(path)
+        site = verify_site(load_site_config(path))
         # Lazy: hardware imports this module. Loading also surfaces a broken profile file.
         from agent.ops.hardware import default_profiles_dir, load_profiles, profile_named
 
@@ -73,7 +76,7 @@ def check_file(path: str | Path) -> str:
             profile_named(profiles, site.hardware_profile, source=str(path))
         return "site"
     if "coordinator" in doc:
-        load_coordinator_config(path)
+        verify_coordinator(load_coordinator_config(path))
         return "coordinator"
     if "federation" in doc:
         load_plan(path)

@@ -68,6 +68,7 @@ class EncodedTable:
     numeric_columns: tuple[int, ...]
     rows_read: int
     skipped: dict[str, int]
+    row_numbers: np.ndarray  # int64 [n]: each kept row's 1-based position among the data rows
 
     @property
     def n_rows(self) -> int:
@@ -98,28 +99,47 @@ def numeric_column_indices(features: Sequence[FeatureSpec]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def load_table(path: Path, features: tuple[FeatureSpec, ...], target: str, missing: str,
+def load_table(path: Path, features: tuple[FeatureSpec, ...], target: str | None, missing: str,
                id_column: str | None = None) -> EncodedTable:
-    """Read and encode a CSV or Parquet table; bad rows are skipped and counted, never raised."""
+    """Read and encode a CSV or Parquet table; bad rows are skipped and counted, never raised.
+
+    `target=None` reads a table without outcomes (scoring new patients): y is then all NaN."""
     path = Path(path)
     if missing not in ("mean", "drop"):
         raise ValueError(f"missing policy must be 'mean' or 'drop', got {missing!r}")
     _check_features(features, target, id_column)
-    head = _read_head(path)
     encoder = _RowEncoder(features, missing)
-    if head.startswith(PARQUET_MAGIC):
+    if _is_parquet(path):
         rows_read, out = _load_parquet(path, encoder, target, id_column)
-    elif path.suffix.lower() in PARQUET_SUFFIXES:
-        raise DataError(f"{path}: not a Parquet file (no PAR1 magic)")
-    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path}: UTF-16 text; export the table as UTF-8 CSV")
-    elif _looks_binary(head):
-        raise DataError(f"{path}: binary content, not a CSV or Parquet table")
     else:
         rows_read, out = _load_csv(path, encoder, target, id_column)
     table = out.finish(encoder, rows_read, with_ids=id_column is not None)
     _log_summary(path, table)
     return table
+
+
+def read_header(path: Path) -> tuple[str, ...]:
+    """The column names of a CSV or Parquet table, reading only its header (or Parquet
+    schema): enough to refuse an unreadable table up front (`fedsilo config check`)."""
+    path = Path(path)
+    if _is_parquet(path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return tuple(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable Parquet file ({type(exc).__name__})") from None
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+            first = _first_line(path, fh)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    rows = [_single_line(first, d) for d in CSV_DELIMITERS]
+    best = max((r for r in rows if r is not None), key=len, default=None)
+    if best is None:
+        raise DataError(f"{path}: header line cannot be parsed as CSV")
+    return tuple(h.strip() for h in best)
 
 
 # ---------------------------------------------------------------------------- cell parsing
@@ -241,6 +261,9 @@ class _RowEncoder:
         return out
 
 
+_NO_TARGET = object()  # the target cell of a table read without outcomes
+
+
 class _Accumulator:
     """Collects kept rows and skip counts while a file is read."""
 
@@ -248,11 +271,12 @@ class _Accumulator:
         self.rows: list[list[float]] = []
         self.targets: list[float] = []
         self.ids: list[str] = []
+        self.row_numbers: list[int] = []
         self.skipped: Counter[str] = Counter()
 
     def add(self, encoder: _RowEncoder, target: Any, feature_cells: Sequence[Any],
-            id_cell: Any) -> None:
-        y = _parse_target(target)
+            id_cell: Any, row_number: int) -> None:
+        y = math.nan if target is _NO_TARGET else _parse_target(target)
         if isinstance(y, str):
             self.skipped[y] += 1
             return
@@ -262,6 +286,7 @@ class _Accumulator:
             return
         self.rows.append(encoded)
         self.targets.append(y)
+        self.row_numbers.append(row_number)
         if id_cell is not None:
             text = _category_text(id_cell)
             self.ids.append(text if isinstance(text, str) else "")
@@ -278,13 +303,15 @@ class _Accumulator:
             numeric_columns=encoder.numeric,
             rows_read=rows_read,
             skipped=dict(sorted(self.skipped.items())),
+            row_numbers=np.array(self.row_numbers, dtype=np.int64),
         )
 
 
 # ---------------------------------------------------------------------------- file formats
 
 
-def _check_features(features: Sequence[FeatureSpec], target: str, id_column: str | None) -> None:
+def _check_features(features: Sequence[FeatureSpec], target: str | None,
+                    id_column: str | None) -> None:
     if not features:
         raise ValueError("at least one feature is required")
     for f in features:
@@ -292,7 +319,7 @@ def _check_features(features: Sequence[FeatureSpec], target: str, id_column: str
             raise ValueError(f"feature {f.name!r}: unknown type {f.type!r}")
         if f.type == "categorical" and len(f.levels) < 1:
             raise ValueError(f"feature {f.name!r}: categorical without levels")
-    names = [f.name for f in features] + [target] + ([id_column] if id_column else [])
+    names = [f.name for f in features] + _required((), target, id_column)
     if len(set(names)) != len(names):
         raise ValueError("feature, target and id column names must be distinct")
 
@@ -311,6 +338,20 @@ def _read_head(path: Path) -> bytes:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
+def _is_parquet(path: Path) -> bool:
+    """Parquet by its magic; anything else must be UTF-8 text (a CSV), or it is refused."""
+    head = _read_head(path)
+    if head.startswith(PARQUET_MAGIC):
+        return True
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        raise DataError(f"{path}: not a Parquet file (no PAR1 magic)")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text; export the table as UTF-8 CSV")
+    if _looks_binary(head):
+        raise DataError(f"{path}: binary content, not a CSV or Parquet table")
+    return False
+
+
 def _looks_binary(head: bytes) -> bool:
     """NUL in the header line, or many control bytes: a NUL in some data row is only that row's
     problem (its cell fails to parse), never a reason to refuse the whole file."""
@@ -320,8 +361,10 @@ def _looks_binary(head: bytes) -> bool:
     return control > BINARY_CONTROL_SHARE * max(len(head), 1)
 
 
-def _required(features: Sequence[FeatureSpec], target: str, id_column: str | None) -> list[str]:
-    return [target, *(f.name for f in features), *([id_column] if id_column else [])]
+def _required(features: Sequence[FeatureSpec], target: str | None,
+              id_column: str | None) -> list[str]:
+    return [*([target] if target else []), *(f.name for f in features),
+            *([id_column] if id_column else [])]
 
 
 def _locate(path: Path, header: Sequence[str], required: Sequence[str]) -> dict[str, int]:
@@ -336,7 +379,7 @@ def _locate(path: Path, header: Sequence[str], required: Sequence[str]) -> dict[
     return where
 
 
-def _load_parquet(path: Path, encoder: _RowEncoder, target: str,
+def _load_parquet(path: Path, encoder: _RowEncoder, target: str | None,
                   id_column: str | None) -> tuple[int, _Accumulator]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -355,8 +398,9 @@ def _load_parquet(path: Path, encoder: _RowEncoder, target: str,
     out = _Accumulator()
     feature_names = [f.name for f in encoder.features]
     for i in range(table.num_rows):
-        out.add(encoder, columns[target][i], [columns[n][i] for n in feature_names],
-                columns[id_column][i] if id_column else None)
+        out.add(encoder, columns[target][i] if target else _NO_TARGET,
+                [columns[n][i] for n in feature_names],
+                columns[id_column][i] if id_column else None, i + 1)
     return table.num_rows, out
 
 
@@ -418,24 +462,27 @@ def _pick_delimiter(first_line: str, required: Sequence[str]) -> str:
     return ","
 
 
-def _load_csv(path: Path, encoder: _RowEncoder, target: str,
+def _first_line(path: Path, fh: IO[str]) -> str:
+    """The header: the first line that is not blank."""
+    for line in fh:
+        if line.strip():
+            return line
+    raise DataError(f"{path}: empty file, expected a header line")
+
+
+def _load_csv(path: Path, encoder: _RowEncoder, target: str | None,
               id_column: str | None) -> tuple[int, _Accumulator]:
     required = _required(encoder.features, target, id_column)
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-            first = ""
-            for first in fh:
-                if first.strip():
-                    break
-            if not first.strip():
-                raise DataError(f"{path}: empty file, expected a header line")
+            first = _first_line(path, fh)
             delimiter = _pick_delimiter(first, required)
             header_row = _single_line(first, delimiter)
             if header_row is None:
                 raise DataError(f"{path}: header line cannot be parsed as CSV")
             header = [h.strip() for h in header_row]
             where = _locate(path, header, required)
-            t_idx = where[target]
+            t_idx = where[target] if target else None
             f_idx = [where[f.name] for f in encoder.features]
             id_idx = where[id_column] if id_column else None
             width = len(header)
@@ -451,8 +498,9 @@ def _load_csv(path: Path, encoder: _RowEncoder, target: str,
                 elif len(row) != width:
                     out.skipped[WRONG_FIELD_COUNT] += 1
                 else:
-                    out.add(encoder, row[t_idx], [row[i] for i in f_idx],
-                            row[id_idx] if id_idx is not None else None)
+                    out.add(encoder, row[t_idx] if t_idx is not None else _NO_TARGET,
+                            [row[i] for i in f_idx],
+                            row[id_idx] if id_idx is not None else None, rows_read)
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return rows_read, out

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import ConfigError, ProtocolError
+from agent.security.identity import key_matches, load_certificate, load_private_key
 
 MAX_CERT_B64 = 4096  # a P-256 certificate is ~600 bytes; anything far larger is refused
 
@@ -50,15 +51,9 @@ class Signer:
     with them (the same files as its TLS client identity)."""
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
-        try:
-            cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(str(cert_path), "identity", f"cannot load certificate and key: "
-                                                          f"{exc}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(str(key_path), "identity", "not an EC private key")
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        cert = load_certificate(Path(cert_path))  # each names its own file when unusable
+        key = load_private_key(Path(key_path))
+        if not key_matches(cert, key):
             raise ConfigError(str(cert_path), "identity", "certificate and key do not match")
         self.key = key
         self.name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
