@@ -284,3 +284,43 @@ def test_hostile_topic_numbers_over_mqtt_end_no_process(tmp_path, mosquitto):
         vandal.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
     vandal.loop_stop()
     vandal.disconnect()
+
+
+@pytest.mark.integration
+def test_fedsilo_status_skips_hostile_retained_status_and_shows_the_rest(mosquitto):
+    """Anyone who could publish once leaves these retained for every `fedsilo status`: before,
+    each one ended the command with a traceback (ValueError from a 5000-digit integer,
+    RecursionError from deep nesting, OverflowError from a `ts` of 10**400 in the table)."""
+    import subprocess
+    import sys
+
+    root = f"fedsilo/v1/{FED}/site"
+    good = {"id": "north", "role": "site", "state": "idle", "ts": time.time(), "round": 2}
+    retained = {
+        f"{root}/north/status": json.dumps(good).encode(),
+        f"{root}/east/status": b'{"id": "east", "role": "site", "state": "idle", "ts": 1'
+                               + b"0" * 400 + b"}",
+        f"{root}/south/status": b'{"id": "south", "n": ' + b"9" * 5000 + b"}",
+        f"{root}/west/status": b"[" * 100_000 + b"]" * 100_000,
+        f"{root}/up/status": b"\xff\xfe not utf-8",
+        f"{root}/down/status": b'"a string"',
+        f"{root}/Bad_Id/status": json.dumps(good).encode(),
+    }
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="vandal")
+    c.connect("127.0.0.1", mosquitto.port)
+    c.loop_start()
+    for topic, payload in retained.items():
+        c.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+    for extra in ([], ["--json"]):
+        run = subprocess.run([sys.executable, "-m", "agent", "status", "--broker",
+                              f"127.0.0.1:{mosquitto.port}", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert "north" in run.stdout and "east" in run.stdout
+        assert run.stderr.count("ignored status on") == 5, run.stderr
+        assert run.stderr.count("bad_status_json") == 4
+        assert "Bad_Id/status (86 bytes): bad_topic" in run.stderr
+    doc = json.loads(run.stdout)
+    assert sorted(doc["federations"][FED]["sites"]) == ["east", "north"]
