@@ -269,6 +269,7 @@ def test_topic_parse_table(topic, expected):
     "fedsilo/v1/fed/site/North/status", "fedsilo/v1/fed/site/north/update/-1/manifest",
     "fedsilo/v1/fed/coordinator/round/x/manifest", "fedsilo/v1/fed/site/north/update/1/chunk",
     "fedsilo/v1/Fed!/coordinator/status", "fedsilo/v1/fed/coordinator/round/1/manifest/extra",
+    "fedsilo/v1/fed/site/coordinator/status", "fedsilo/v1/fed/site/coordinator/update/1/manifest",
 ])
 def test_topic_parse_refuses_anything_else(topic):
     assert topics.parse(topic) is None
@@ -405,3 +406,20 @@ def test_header_numbers_that_overflow_a_float_are_refused(value):
     with pytest.raises(ProtocolError) as exc:
         envelope.decode(raw, max_body=100)
     assert exc.value.reason == "bad_header_json"
+
+
+def test_a_topic_that_is_not_utf8_reaches_the_receiver_instead_of_ending_the_network_thread():
+    """paho decodes the topic when it is read; raised in our on_message, the error would end
+    the network thread (Mosquitto refuses such topics, other brokers may not)."""
+    import paho.mqtt.client as mqtt
+
+    from agent.config import BrokerConfig
+    from agent.federation.transport import Transport
+
+    t = Transport("probe", BrokerConfig())
+    msg = mqtt.MQTTMessage(mid=3, topic=b"fedsilo/v1/fed/site/north/update/\xff/manifest")
+    msg.payload, msg.qos = b"x", 1
+    t._on_message(None, None, msg)
+    got = t.inbox.get_nowait()
+    assert got.topic == "fedsilo/v1/fed/site/north/update/\ufffd/manifest" and got.mid == 3
+    assert topics.parse(got.topic) is None

@@ -125,7 +125,8 @@ def parse(topic: str) -> Topic | None:
             case ["req", site] if SITE_ID_PATTERN.fullmatch(site):
                 return Topic(fed, "coordinator", "req", site=site)
         return None
-    if who == "site" and SITE_ID_PATTERN.fullmatch(rest[0]):
+    # "coordinator" is no site's id (pki.RESERVED): as one it would make the sender ambiguous.
+    if who == "site" and rest[0] != "coordinator" and SITE_ID_PATTERN.fullmatch(rest[0]):
         site, rest = rest[0], rest[1:]
         match rest:
             case ["status"] | ["metrics"] | ["req"]:
