@@ -165,10 +165,10 @@ class Transport:
         """Connect (MQTT 5, falling back to 3.1.1 under protocol 'auto'); True once connected.
 
         Without `retry` (one-shot commands) the first failure raises BrokerError. With it (the
-        daemons) an unreachable broker or a failed TLS handshake is tried again after a capped,
-        jittered back-off (certificate files are read again on every try), logging one line per
-        attempt and calling `on_wait(text, next_delay_s)` for the service manager; only a
-        refusal retrying cannot fix (BrokerRefused) still raises. False: `stop` was set while
+        daemons) an unreachable broker, a failed TLS handshake or a missing CONNACK is tried
+        again after a capped, jittered back-off, logging one line per attempt and calling
+        `on_wait(text, next_delay_s)` for the service manager; only a refusal retrying cannot
+        fix (BrokerRefused) still raises. False: `stop` was set while
         waiting, and nothing is connected.
         """
         self._warn_security()
