@@ -188,6 +188,12 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
     pki, port, _ = secure
     tables, _test, features = breast_cancer_sites(tmp_path / "data")
     names = ["north", "south"]
+    # The ACL lets an enrolled site publish anything under its own update/#: south leaves a
+    # manifest retained under round '²' (int('²') used to end the coordinator; issue 17.1).
+    hostile = [f"{ROOT}/site/south/update/{x}/manifest" for x in ("²", "１", "9" * 20)]
+    south = client(pki, port, "south", client_id=f"fedsilo-{FED}-site-south")
+    south.wait_published([south.publish(t, b"FSLO", retain=True) for t in hostile], 10)
+    south.close()
     procs = []
     for name, table in zip(names, tables[:2], strict=True):
         tls = {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
@@ -196,12 +202,14 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
         procs.append(start_site(cfg, tmp_path / f"{name}.log"))
     statuses = client(pki, port, "monitor", [f"{ROOT}/+/+/status", f"{ROOT}/coordinator/status"])
     try:
-        final = CoordinatorThread(
+        coord = CoordinatorThread(
             plan_for(features, names, rounds=3), port, tmp_path / "coord",
             tls=TLSFiles(ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
-                         key=pki.dir / "coordinator.key")).start().join(timeout=120)
+                         key=pki.dir / "coordinator.key")).start()
+        final = coord.join(timeout=120)
         assert stop_all(procs) == [0, 0]
         assert final["sites"] == names
+        assert coord.coordinator.peer.rejected["bad_topic"] >= len(hostile)  # per subscription
         seen, every = {}, []
         while True:
             try:
@@ -219,6 +227,9 @@ def test_a_whole_federation_over_mutual_tls(secure, tmp_path):
             assert 364 < seen[i].get("cert_days_left", 0) <= 365, (i, every)
     finally:
         statuses.close()
+        south = client(pki, port, "south", client_id=f"fedsilo-{FED}-site-south")
+        south.wait_published([south.publish(t, b"", retain=True) for t in hostile], 10)
+        south.close()
 
 
 def test_two_way_traffic_over_tls_keeps_one_connection_and_a_clean_stop_is_not_lost(secure):

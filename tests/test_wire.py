@@ -269,6 +269,7 @@ def test_topic_parse_table(topic, expected):
     "fedsilo/v1/fed/site/North/status", "fedsilo/v1/fed/site/north/update/-1/manifest",
     "fedsilo/v1/fed/coordinator/round/x/manifest", "fedsilo/v1/fed/site/north/update/1/chunk",
     "fedsilo/v1/Fed!/coordinator/status", "fedsilo/v1/fed/coordinator/round/1/manifest/extra",
+    "fedsilo/v1/fed/site/coordinator/status", "fedsilo/v1/fed/site/coordinator/update/1/manifest",
 ])
 def test_topic_parse_refuses_anything_else(topic):
     assert topics.parse(topic) is None
@@ -288,3 +289,137 @@ def test_backoff_is_capped_full_jitter():
     assert max(early) <= 0.5 and min(early) < 0.1  # jitter spreads from zero
     late = [backoff_delay(20, 0.5, 30.0, rng) for _ in range(200)]
     assert max(late) > 25.0  # reaches the cap, never beyond
+
+
+# ------------------------------------------------------------------ hostile topic levels
+
+# Every character Python calls a digit that is not an ASCII one: superscripts, circled and
+# full-width digits, Arabic-Indic and dozens of other scripts. `str.isdigit()` takes them all
+# and `int()` raises on some ('²', '①'): on a topic, that ended the process.
+UNICODE_DIGITS = [chr(c) for c in range(0x110000)
+                  if not (0xD800 <= c <= 0xDFFF) and chr(c).isdigit() and not chr(c).isascii()]
+NUMBERED = [  # (builder with one level left to fill, which level)
+    lambda x: f"fedsilo/v1/fed/coordinator/round/{x}/manifest",
+    lambda x: f"fedsilo/v1/fed/coordinator/round/{x}/chunk/0",
+    lambda x: f"fedsilo/v1/fed/coordinator/round/0/chunk/{x}",
+    lambda x: f"fedsilo/v1/fed/site/north/update/{x}/manifest",
+    lambda x: f"fedsilo/v1/fed/site/north/update/{x}/chunk/0",
+    lambda x: f"fedsilo/v1/fed/site/north/update/1/chunk/{x}",
+]
+
+
+def test_every_non_ascii_digit_in_a_number_level_is_refused():
+    assert len(UNICODE_DIGITS) > 500 and {"²", "①", "１", "١"} <= set(UNICODE_DIGITS)
+    for build in NUMBERED:
+        assert topics.parse(build("1")) is not None
+        for d in UNICODE_DIGITS:
+            for level in (d, "1" + d, d + "0"):
+                assert topics.parse(build(level)) is None, ascii(level)
+
+
+@pytest.mark.parametrize("level", [
+    "", " 1", "1 ", "+1", "-0", "1_0", "01", "00", "1.0", "1e3", "0x1", "\x001", "1\x00",
+    "1\n", "99999999999999999999", "1" + "0" * 10, str(envelope.MAX_ROUND + 1), "+", "#",
+    "1" * 5000,
+])
+def test_number_levels_are_plain_ascii_digits_in_bounds(level):
+    for build in NUMBERED:
+        assert topics.parse(build(level)) is None, (build("x"), level)
+
+
+def test_number_levels_at_their_bounds():
+    top = topics.parse(topics.site_chunk("fed", "north", envelope.MAX_ROUND,
+                                         envelope.MAX_CHUNK_INDEX))
+    assert top is not None and (top.round, top.index) == (envelope.MAX_ROUND,
+                                                           envelope.MAX_CHUNK_INDEX)
+    assert topics.parse(topics.site_chunk("fed", "north", 1, envelope.MAX_CHUNK_INDEX + 1)) \
+        is None
+
+
+_LEVEL = st.one_of(
+    st.sampled_from(["fedsilo", "v1", "fed", "coordinator", "site", "north", "round", "update",
+                     "manifest", "chunk", "req", "status", "metrics", "control", "0", "7",
+                     "+", "#", "", "\x00"]),
+    st.sampled_from(UNICODE_DIGITS),
+    st.integers(min_value=-10, max_value=10**30).map(str),
+    st.text(max_size=12),
+    st.text(alphabet=st.characters(categories=["Nd", "No", "Nl"]), min_size=1, max_size=4),
+    st.integers(min_value=1, max_value=3000).map(lambda n: "9" * n),
+)
+
+
+_SHAPES = [["coordinator", "round", None, "manifest"], ["coordinator", "round", None, "chunk",
+                                                         None],
+           ["site", "north", "update", None, "manifest"],
+           ["site", "north", "update", None, "chunk", None], ["coordinator", "req", None],
+           ["site", None, "status"]]
+
+
+@st.composite
+def _topic_levels(draw) -> list[str]:
+    """A topic's levels: a fedsilo shape with its variable levels drawn (and sometimes a level
+    dropped or added), or levels drawn at random."""
+    if draw(st.booleans()):
+        return draw(st.lists(_LEVEL, max_size=9))
+    levels = [draw(_LEVEL) if x is None else x for x in draw(st.sampled_from(_SHAPES))]
+    if draw(st.integers(0, 4)) == 0:
+        levels.insert(draw(st.integers(0, len(levels))), draw(_LEVEL))
+    elif draw(st.integers(0, 4)) == 0:
+        del levels[draw(st.integers(0, len(levels) - 1))]
+    return levels
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_topic_levels(), st.integers(0, 9))
+def test_topic_parse_never_raises_and_only_returns_canonical_in_bound_topics(levels, prefixed):
+    name = "/".join((["fedsilo", "v1", "fed"] if prefixed else []) + levels)  # mostly
+    t = topics.parse(name)
+    if t is None:
+        return
+    for value, hi in ((t.round, envelope.MAX_ROUND), (t.index, envelope.MAX_CHUNK_INDEX)):
+        assert value is None or (type(value) is int and 0 <= value <= hi)
+    # what parses is exactly what the builders write: one spelling per topic
+    rebuilt = {
+        ("coordinator", "manifest"): lambda: topics.coordinator_manifest(t.federation, t.round),
+        ("coordinator", "chunk"): lambda: topics.coordinator_chunk(t.federation, t.round,
+                                                                    t.index),
+        ("coordinator", "req"): lambda: topics.coordinator_req(t.federation, t.site),
+        ("coordinator", "status"): lambda: topics.coordinator_status(t.federation),
+        ("coordinator", "control"): lambda: topics.coordinator_control(t.federation),
+    }.get((t.sender, t.kind)) if t.sender == "coordinator" else {
+        "manifest": lambda: topics.site_manifest(t.federation, t.site, t.round),
+        "chunk": lambda: topics.site_chunk(t.federation, t.site, t.round, t.index),
+        "status": lambda: topics.site_status(t.federation, t.site),
+        "metrics": lambda: topics.site_metrics(t.federation, t.site),
+        "req": lambda: topics.site_req(t.federation, t.site),
+    }.get(t.kind)
+    assert rebuilt is not None and rebuilt() == name
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 400, "1e400", "-1e400", "9" * 5000])
+def test_header_numbers_that_overflow_a_float_are_refused(value):
+    """`created` of 10**400 made parse_manifest's float() raise OverflowError (a crash)."""
+    head = envelope.encode(manifest_for(b"abc").header())[envelope._PREFIX.size:]
+    head = head.replace(b'"created":1.5', b'"created":' + value.encode())
+    assert value.encode() in head
+    raw = envelope._PREFIX.pack(envelope.MAGIC, 1, 0, len(head)) + head
+    with pytest.raises(ProtocolError) as exc:
+        envelope.decode(raw, max_body=100)
+    assert exc.value.reason == "bad_header_json"
+
+
+def test_a_topic_that_is_not_utf8_reaches_the_receiver_instead_of_ending_the_network_thread():
+    """paho decodes the topic when it is read; raised in our on_message, the error would end
+    the network thread (Mosquitto refuses such topics, other brokers may not)."""
+    import paho.mqtt.client as mqtt
+
+    from agent.config import BrokerConfig
+    from agent.federation.transport import Transport
+
+    t = Transport("probe", BrokerConfig())
+    msg = mqtt.MQTTMessage(mid=3, topic=b"fedsilo/v1/fed/site/north/update/\xff/manifest")
+    msg.payload, msg.qos = b"x", 1
+    t._on_message(None, None, msg)
+    got = t.inbox.get_nowait()
+    assert got.topic == "fedsilo/v1/fed/site/north/update/\ufffd/manifest" and got.mid == 3
+    assert topics.parse(got.topic) is None

@@ -532,7 +532,9 @@ class Coordinator:
         self.notifier.status("starting")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_checkpoint()
-        self.transport.connect()
+        if not self.transport.connect(retry=True, stop=self.stop_event,
+                                      on_wait=self.notifier.waiting):
+            raise Stopped("stopped while waiting for the MQTT broker")
         self.notifier.ready(f"connected to {self.config.broker.host}:{self.config.broker.port}")
         self.notifier.start_watchdog()
         try:

@@ -31,6 +31,11 @@ _PREFIX = struct.Struct(">4sBBI")
 MAX_HEADER_BYTES = 256 * 1024  # a manifest of a 10 M-parameter model lists ~10 k digests
 CHUNK_SIZE = 1024 * 1024  # PROTOCOL.md: chunks of at most 1 MiB
 MAX_CHUNK_BYTES = CHUNK_SIZE
+MAX_ROUND = 10**9  # in headers and topics alike
+MAX_CHUNK_INDEX = 10**7
+# JSON numbers in a header: an integer of more digits than any field needs (int64 has 19) or a
+# float that overflows to infinity would make a later float()/math.isfinite() raise or mislead.
+_MAX_INT_DIGITS = 20
 
 
 class MessageKind(str, enum.Enum):
@@ -89,8 +94,9 @@ def decode(payload: bytes, *, max_body: int) -> Envelope:
         raise ProtocolError("body_too_large", f"{body_len} bytes > {max_body}")
     try:
         header = json.loads(payload[_PREFIX.size:end].decode("utf-8"),
-                            parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError):
+                            parse_constant=_reject_constant, parse_int=_bounded_int,
+                            parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_header_json") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not an object")
@@ -102,6 +108,19 @@ def decode(payload: bytes, *, max_body: int) -> Envelope:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite constant {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError("float out of range")
+    return value
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -227,7 +246,7 @@ def parse_manifest(h: dict[str, Any], *, max_body: int) -> Manifest:
     if not isinstance(meta, dict):
         raise ProtocolError("bad_field", "meta must be an object")
     return Manifest(
-        federation=_str_field(h, "federation"), round=_int_field(h, "round", 0, 10**9),
+        federation=_str_field(h, "federation"), round=_int_field(h, "round", 0, MAX_ROUND),
         sender=_str_field(h, "sender"), body_kind=body_kind, body_len=body_len,
         chunk_size=chunk_size, chunk_digests=tuple(digests), body_digest=h["body_digest"],
         nonce=_str_field(h, "nonce", 128), created=float(created), meta=meta)
@@ -249,18 +268,18 @@ class ChunkRef:
 def parse_chunk_header(h: dict[str, Any]) -> ChunkRef:
     if not _is_digest(h.get("body_digest")):
         raise ProtocolError("bad_field", "body_digest must be sha256 hex")
-    return ChunkRef(_str_field(h, "federation"), _int_field(h, "round", 0, 10**9),
+    return ChunkRef(_str_field(h, "federation"), _int_field(h, "round", 0, MAX_ROUND),
                     _str_field(h, "sender"), h["body_digest"], _str_field(h, "nonce", 128),
-                    _int_field(h, "index", 0, 10**7))
+                    _int_field(h, "index", 0, MAX_CHUNK_INDEX))
 
 
 def parse_resend(h: dict[str, Any]) -> tuple[str, int, str, str, list[int]]:
     missing = h.get("missing")
     if (not isinstance(missing, list) or len(missing) > 100_000
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 10**7
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_CHUNK_INDEX
                        for i in missing)):
         raise ProtocolError("bad_field", "missing must be a list of chunk indices")
     if not _is_digest(h.get("body_digest")):
         raise ProtocolError("bad_field", "body_digest must be sha256 hex")
-    return (_str_field(h, "federation"), _int_field(h, "round", 0, 10**9),
+    return (_str_field(h, "federation"), _int_field(h, "round", 0, MAX_ROUND),
             _str_field(h, "sender"), h["body_digest"], missing)

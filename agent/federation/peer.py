@@ -212,12 +212,16 @@ class Peer:
                 events.append(event)
 
     def _handle(self, topic_name: str, payload: bytes) -> BodyReady | StatusSeen | None:
-        if not payload:
-            return None  # a cleared retained message
-        self.bytes_received += len(payload)
-        topic = topics.parse(topic_name)
+        """One received message: an event, or None. Never raises for what a peer sent: every
+        refusal is counted and logged by topic, size and reason, never by payload bytes."""
         try:
-            if topic is None or topic.federation != self.federation:
+            topic = topics.parse(topic_name)  # first: nothing else is looked at before it
+            if topic is None:
+                raise ProtocolError("bad_topic")
+            if not payload:
+                return None  # a cleared retained message
+            self.bytes_received += len(payload)
+            if topic.federation != self.federation:
                 raise ProtocolError("foreign_topic")
             if not self.accept(topic):
                 raise ProtocolError("unexpected_topic")
@@ -231,6 +235,12 @@ class Peer:
         except BrokerError as exc:
             self.rejected["publish_failed"] += 1
             log.error("could not answer message on %s: %s", topic_name[:200], exc)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not end the process
+            # Only the class: an exception's text may quote the payload. Exception, not
+            # BaseException: a stop request (KeyboardInterrupt, the site's _Stopping) unwinds.
+            self.rejected["malformed"] += 1
+            log.warning("dropped message on %s (%d bytes): malformed (%s while handling it)",
+                        topic_name[:200], len(payload), type(exc).__name__)
         return None
 
     def _handle_envelope(self, topic: topics.Topic, payload: bytes) -> BodyReady | None:

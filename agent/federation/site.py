@@ -592,7 +592,9 @@ class Site:
                                 kept.manifest, kept.body)
         if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
             self._ingest_service()
-        self.transport.connect()
+        if not self.transport.connect(retry=True, stop=self.stop_event,
+                                      on_wait=self.notifier.waiting):
+            return 0  # stopped while waiting for the broker
         if self.config.home_assistant_discovery:
             for topic, payload in home_assistant_discovery(
                     self.fed, self.site_id, topics.site_status(self.fed, self.site_id)):

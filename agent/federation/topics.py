@@ -6,9 +6,11 @@ before its payload is even looked at.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from agent.config import SITE_ID_PATTERN
+from agent.federation.envelope import MAX_CHUNK_INDEX, MAX_ROUND
 
 ROOT = "fedsilo/v1"
 
@@ -81,14 +83,31 @@ class Topic:
     site: str | None = None
 
 
-def _int(part: str) -> int | None:
-    if not part.isdigit() or len(part) > 10:
+# ASCII digits only, no sign, no leading zero: `str.isdigit()` and `int()` also take '²', '①',
+# '١' (Arabic-Indic), full-width digits, ' 1', '+1' and '1_0', and int('²') raises.
+_NUMBER = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def _number(part: str, hi: int) -> int | None:
+    """A topic level as a number in [0, hi], or None: never raises, whatever the level is."""
+    if _NUMBER.fullmatch(part) is None:
         return None
-    return int(part)
+    value = int(part)
+    return value if value <= hi else None
+
+
+def _round(part: str) -> int | None:
+    return _number(part, MAX_ROUND)
+
+
+def _index(part: str) -> int | None:
+    return _number(part, MAX_CHUNK_INDEX)
 
 
 def parse(topic: str) -> Topic | None:
-    """Parse a topic under fedsilo/v1; None for anything that is not exactly a fedsilo topic."""
+    """Parse a topic under fedsilo/v1; None for anything that is not exactly a fedsilo topic.
+
+    Never raises (any str): receivers drop what gives None before looking at the payload."""
     parts = topic.split("/")
     if len(parts) < 5 or parts[0] != "fedsilo" or parts[1] != "v1":
         return None
@@ -99,20 +118,21 @@ def parse(topic: str) -> Topic | None:
         match rest:
             case ["status"] | ["control"]:
                 return Topic(fed, "coordinator", rest[0])
-            case ["round", r, "manifest"] if _int(r) is not None:
-                return Topic(fed, "coordinator", "manifest", round=_int(r))
-            case ["round", r, "chunk", k] if _int(r) is not None and _int(k) is not None:
-                return Topic(fed, "coordinator", "chunk", round=_int(r), index=_int(k))
+            case ["round", r, "manifest"] if _round(r) is not None:
+                return Topic(fed, "coordinator", "manifest", round=_round(r))
+            case ["round", r, "chunk", k] if _round(r) is not None and _index(k) is not None:
+                return Topic(fed, "coordinator", "chunk", round=_round(r), index=_index(k))
             case ["req", site] if SITE_ID_PATTERN.fullmatch(site):
                 return Topic(fed, "coordinator", "req", site=site)
         return None
-    if who == "site" and SITE_ID_PATTERN.fullmatch(rest[0]):
+    # "coordinator" is no site's id (pki.RESERVED): as one it would make the sender ambiguous.
+    if who == "site" and rest[0] != "coordinator" and SITE_ID_PATTERN.fullmatch(rest[0]):
         site, rest = rest[0], rest[1:]
         match rest:
             case ["status"] | ["metrics"] | ["req"]:
                 return Topic(fed, site, rest[0], site=site)
-            case ["update", r, "manifest"] if _int(r) is not None:
-                return Topic(fed, site, "manifest", round=_int(r), site=site)
-            case ["update", r, "chunk", k] if _int(r) is not None and _int(k) is not None:
-                return Topic(fed, site, "chunk", round=_int(r), index=_int(k), site=site)
+            case ["update", r, "manifest"] if _round(r) is not None:
+                return Topic(fed, site, "manifest", round=_round(r), site=site)
+            case ["update", r, "chunk", k] if _round(r) is not None and _index(k) is not None:
+                return Topic(fed, site, "chunk", round=_round(r), index=_index(k), site=site)
     return None

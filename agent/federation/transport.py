@@ -31,7 +31,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,11 @@ DRAIN_S = 2.0  # at most this long, on a clean stop, for the broker to read our 
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).
 _TERMINAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid",
                      "Banned", "Bad authentication method"}
+
+
+class BrokerRefused(BrokerError):
+    """The broker answered and refused us for a reason retrying cannot fix (credentials, not
+    authorized, banned): a daemon stops instead of knocking forever."""
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -154,8 +159,45 @@ class Transport:
         except (OSError, ValueError):
             return None  # unreadable now: the TLS connection itself reports that
 
-    def connect(self, timeout_s: float = 10.0) -> None:
-        """Connect (MQTT 5, falling back to 3.1.1 under protocol 'auto') or raise BrokerError."""
+    def connect(self, timeout_s: float = 10.0, *, retry: bool = False,
+                stop: threading.Event | None = None,
+                on_wait: Callable[[str, float], None] | None = None) -> bool:
+        """Connect (MQTT 5, falling back to 3.1.1 under protocol 'auto'); True once connected.
+
+        Without `retry` (one-shot commands) the first failure raises BrokerError. With it (the
+        daemons) an unreachable broker, a failed TLS handshake or a missing CONNACK is tried
+        again after a capped, jittered back-off, logging one line per attempt and calling
+        `on_wait(text, next_delay_s)` for the service manager; only a refusal retrying cannot
+        fix (BrokerRefused) still raises. False: `stop` was set while
+        waiting, and nothing is connected.
+        """
+        self._warn_security()
+        attempt = 0
+        while True:
+            try:
+                if self._connect_once(timeout_s, stop):
+                    return True
+                return False  # stopped during the attempt
+            except BrokerRefused:
+                raise
+            except BrokerError as exc:
+                if not retry:
+                    raise
+                delay = backoff_delay(attempt, self.reconnect_base_s, self.reconnect_cap_s,
+                                      self._rng)
+                attempt += 1
+                text = (f"waiting for MQTT broker {self.broker.host}:{self.broker.port} "
+                        f"(attempt {attempt} failed, next in {delay:.1f} s)")
+                log.warning("%s; attempt %d, trying again in %.1f s", exc, attempt, delay)
+                if on_wait is not None:
+                    on_wait(text, delay)
+            if stop is not None and stop.wait(delay):
+                log.info("stop requested while waiting for the MQTT broker")
+                return False
+            if stop is None:
+                time.sleep(delay)
+
+    def _warn_security(self) -> None:
         if self.broker.tls is None:
             log.warning("MQTT to %s:%s WITHOUT TLS: anyone on the network can read and forge "
                         "traffic; only for the local demo (set [broker.tls] for a federation)",
@@ -167,19 +209,27 @@ class Transport:
             if left is not None and left < WARN_DAYS:
                 log.warning("certificate %s expires in %.0f days: ask the federation for a new "
                             "one", self.broker.tls.cert, left)
+
+    def _connect_once(self, timeout_s: float, stop: threading.Event | None) -> bool:
+        """One attempt over the protocols allowed: True connected, False `stop` was set;
+        BrokerError (BrokerRefused for a terminal CONNACK) otherwise."""
         order = {"5": [True], "3.1.1": [False], "auto": [True, False]}[self.broker.protocol]
         last_error = ""
+        self._terminal = None
         for v5 in order:
             self._client = self._make_client(v5)
             self._connected.clear()
             self._last_connack = ""
             try:
                 self._socket_connect(v5)
-            except OSError as exc:
+            except OSError as exc:  # refused, unreachable, TLS handshake (ssl.SSLError)
                 raise BrokerError(f"cannot reach MQTT broker {self.broker.host}:"
                                   f"{self.broker.port}: {exc.strerror or exc}") from None
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and not self._connected.is_set():
+                if stop is not None and stop.is_set():
+                    self._client.disconnect()
+                    return False
                 rc = self._client.loop(timeout=0.05)
                 if self._terminal or (rc != mqtt.MQTT_ERR_SUCCESS and not self._connected.is_set()):
                     break
@@ -188,13 +238,14 @@ class Transport:
                 self._thread = threading.Thread(target=self._network_loop,
                                                 name=f"mqtt-{self.client_id}", daemon=True)
                 self._thread.start()
-                return
+                return True
             last_error = self._terminal or self._last_connack or "no CONNACK before timeout"
             if self._terminal:
                 break
             self._client.disconnect()
-        raise BrokerError(f"MQTT broker {self.broker.host}:{self.broker.port} refused "
-                          f"{self.client_id}: {last_error}")
+        error = BrokerRefused if self._terminal else BrokerError
+        raise error(f"MQTT broker {self.broker.host}:{self.broker.port} refused "
+                    f"{self.client_id}: {last_error}")
 
     def _socket_connect(self, v5: bool) -> None:
         assert self._client is not None
@@ -254,7 +305,13 @@ class Transport:
             log.warning("disconnected from broker (%s); will reconnect", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid,
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # raised here, it would end the network thread
+            # Queued all the same so that it is acknowledged; no fedsilo topic looks like this,
+            # so the receiver refuses it by name.
+            topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "replace")
+        self.inbox.put(Incoming(topic, bytes(msg.payload), bool(msg.retain), msg.mid,
                                 msg.qos, self.connects))
 
     def receive(self, timeout_s: float) -> Incoming:

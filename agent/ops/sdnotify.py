@@ -58,6 +58,13 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
+    def waiting(self, text: str, next_try_s: float) -> None:
+        """Still starting, waiting on something outside (the broker): say so, and ask systemd
+        for time until the next try, so a long outage does not fail the start (the watchdog
+        itself only runs after READY)."""
+        self.beat()
+        self.send(f"STATUS={text}", f"EXTEND_TIMEOUT_USEC={int((next_try_s + 60) * 1e6)}")
+
     def stopping(self, status: str = "stopping") -> None:
         self._stop.set()
         self.send("STOPPING=1", f"STATUS={status}")
