@@ -58,7 +58,7 @@ def _cmd_site_run(args: argparse.Namespace) -> int:
 def _cmd_coordinator_run(args: argparse.Namespace) -> int:
     from agent.config import load_coordinator_config, load_plan
     from agent.config.verify import verify_coordinator
-    from agent.federation.coordinator import Coordinator, Stopped
+    from agent.federation.coordinator import Coordinator, Stopped, describe_final_auc
 
     coordinator = Coordinator(verify_coordinator(load_coordinator_config(args.config)),
                               load_plan(args.plan), backend=args.backend)
@@ -69,9 +69,8 @@ def _cmd_coordinator_run(args: argparse.Namespace) -> int:
         print(f"coordinator stopped in round {coordinator.current_round}; state saved in "
               f"{coordinator.state_dir}, run again to resume", file=sys.stderr)
         return 0
-    ev = final.get("eval", {})
-    print(f"federation {coordinator.fed} finished: held-out AUC {ev.get('auc', float('nan')):.3f}"
-          f" over {int(ev.get('n', 0))} patients; model in {coordinator.state_dir / 'model'}")
+    print(f"federation {coordinator.fed} finished: {describe_final_auc(final.get('eval', {}))}; "
+          f"model in {coordinator.state_dir / 'model'}")
     return 0
 
 

@@ -70,19 +70,49 @@ def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def weighted_metrics(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Sample-weighted mean of each site's held-out metrics."""
-    evals = [r["eval"] for r in reports.values() if isinstance(r.get("eval"), dict)]
-    total = sum(e["n"] for e in evals)
+def weighted_metrics(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sample-weighted mean of each site's held-out metrics. Each metric says over how many
+    patients and sites it really is (`<metric>_n`, `<metric>_sites`): a site whose held-out
+    rows all have one outcome has a loss but no AUC. `without_auc` names those sites and why."""
+    evals = {s: r["eval"] for s, r in reports.items() if isinstance(r.get("eval"), dict)}
+    total = sum(e["n"] for e in evals.values())
     if total <= 0:
         return {}
-    out: dict[str, float] = {"n": float(total)}
+    out: dict[str, Any] = {"n": float(total)}
     for key in ("loss", "auc", "accuracy"):
-        vals = [(e[key], e["n"]) for e in evals if e.get(key) is not None]
-        weight = sum(n for _, n in vals)
+        vals = {s: (e[key], e["n"]) for s, e in evals.items() if e.get(key) is not None}
+        weight = sum(n for _, n in vals.values())
         if weight:
-            out[key] = sum(v * n for v, n in vals) / weight
+            out[key] = sum(v * n for v, n in vals.values()) / weight
+            out[f"{key}_n"] = float(weight)
+            out[f"{key}_sites"] = sorted(vals)
+    out["without_auc"] = {s: e.get("reason") or ("no_heldout_patients" if not e["n"]
+                                                 else "undefined")
+                          for s, e in evals.items() if e.get("auc") is None}
     return out
+
+
+def describe_final_auc(ev: dict[str, Any]) -> str:
+    """The final AUC line, over the patients and sites it really covers."""
+    if ev.get("auc") is None:
+        return "no held-out AUC (no site could compute one)" + _without_auc(ev)
+    sites = ev.get("auc_sites", [])
+    return (f"held-out AUC {ev['auc']:.3f} over {int(ev.get('auc_n', ev.get('n', 0)))} "
+            f"patients at {len(sites)} site{'s' if len(sites) != 1 else ''}"
+            + _without_auc(ev))
+
+
+_WHY_NO_AUC = {"one_outcome_class": "its held-out patients all have one outcome",
+               "too_few_patients": "fewer held-out patients than the minimum for metrics",
+               "no_heldout_patients": "no held-out patients"}
+
+
+def _without_auc(ev: dict[str, Any]) -> str:
+    missing = ev.get("without_auc") or {}
+    if not missing:
+        return ""
+    parts = [f"{s}: {_WHY_NO_AUC.get(r, 'AUC undefined')}" for s, r in sorted(missing.items())]
+    return " (no AUC from " + "; ".join(parts) + ")"
 
 
 class Coordinator:
@@ -337,6 +367,10 @@ class Coordinator:
         except ProtocolError as exc:
             self.peer.rejected[exc.reason] += 1
             log.warning("rejected %s from %s for round %d: %s", m.body_kind.value, site, rnd, exc)
+        except Exception as exc:  # noqa: BLE001 - one malformed report never ends the round
+            self.peer.rejected["malformed"] += 1
+            log.warning("rejected %s from %s for round %d: malformed (%s)", m.body_kind.value,
+                        site, rnd, type(exc).__name__)
 
     # ------------------------------------------------------------------ phases
 
@@ -600,6 +634,8 @@ def _validated_report(meta: dict[str, Any], *, train: bool = True) -> dict[str, 
         if not isinstance(ev, dict) or not isinstance(ev.get("n"), int) or ev["n"] < 0:
             raise ProtocolError("bad_report", "eval")
         clean = {"n": ev["n"]}
+        if ev.get("reason") in _WHY_NO_AUC:
+            clean["reason"] = ev["reason"]
         for key in ("loss", "auc", "accuracy"):
             value = ev.get(key)
             if value is not None and not _finite(value):

@@ -340,13 +340,17 @@ class Site:
         idx = self.data.holdout
         if idx.size < MIN_PATIENTS_FOR_METRICS:
             # Metrics on a handful of patients say too much about each of them: suppressed.
-            return {"n": 0, "loss": None, "auc": None, "accuracy": None}
+            return {"n": 0, "loss": None, "auc": None, "accuracy": None,
+                    "reason": "too_few_patients"}
         y = self.data.y[idx]
         p = predict_proba(layout, params, x[idx], self.kernels, **self._images(idx))
         auc = metrics.roc_auc(y, p)
-        return {"n": int(idx.size), "loss": float(metrics.log_loss(y, p)),
-                "auc": None if not np.isfinite(auc) else float(auc),
-                "accuracy": float(metrics.accuracy(y, p))}
+        out = {"n": int(idx.size), "loss": float(metrics.log_loss(y, p)),
+               "auc": None if not np.isfinite(auc) else float(auc),
+               "accuracy": float(metrics.accuracy(y, p))}
+        if out["auc"] is None:  # every held-out patient has the same outcome
+            out["reason"] = "one_outcome_class"
+        return out
 
     # ------------------------------------------------------------------ tasks
 
@@ -594,6 +598,8 @@ class Site:
             self._ingest_service()
         if not self.transport.connect(retry=True, stop=self.stop_event,
                                       on_wait=self.notifier.waiting):
+            if self.ingest is not None:
+                self.ingest.stop()
             return 0  # stopped while waiting for the broker
         if self.config.home_assistant_discovery:
             for topic, payload in home_assistant_discovery(
