@@ -43,6 +43,7 @@ from agent.learn.standardize import Moments, MomentsStream, image_standardizer, 
 from agent.ops.atomic import write_bytes_atomic, write_json_atomic
 from agent.ops.crashpoints import crash_point
 from agent.ops.sdnotify import Notifier
+from agent.ops.statedir import StateError, describe, ensure_writable
 from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ IMAGE_NORM = "image_norm.f32"
 _STATE_FILE = re.compile(r"[a-z_]+(-[0-9a-f]{16})?\.f32")
 METRICS = "metrics.json"
 MAX_SAMPLES = 10**9
+STATE_RETRY_S = 5.0  # while the state directory refuses a checkpoint
 LOST_ANSWER_GRACE_S = 3.0  # a site's status may overtake the tail of its upload
 
 
@@ -217,6 +219,38 @@ class Coordinator:
         return file, digest
 
     def _save_checkpoint(self) -> None:
+        self._write_state("checkpoint", self._write_checkpoint)
+
+    def _write_state(self, what: str, write: Callable[[], None]) -> None:
+        """Write state, and while the state directory refuses it (disk full, read-only) say so
+        in the log and the status and try again: nothing goes on from state that was not
+        kept. A stop request ends the wait (the last checkpoint stays valid)."""
+        failing: StateError | None = None
+        while True:
+            try:
+                write()
+            except OSError as exc:
+                error = describe(self.state_dir, exc)
+                if failing is None or failing.code != error.code:
+                    log.error("%s: %s; retrying every %.0f s", what, error, STATE_RETRY_S)
+                failing, self.last_error = error, error.code
+                self._publish_status_quietly()
+                if self.stop_event.wait(STATE_RETRY_S):
+                    raise Stopped(f"stop requested while the {what} could not be written"
+                                  ) from None
+                continue
+            if failing is not None:
+                log.info("%s written: the state directory takes writes again", what)
+                self.last_error = None
+            return
+
+    def _publish_status_quietly(self) -> None:
+        try:
+            self._publish_status()
+        except FedsiloError as exc:
+            log.warning("could not publish status: %s", exc)
+
+    def _write_checkpoint(self) -> None:
         params_file, params_sha = self._write_state_vector("params", self.params)
         crash_point("coordinator.params_written")
         norm_file, norm_sha = self._write_state_vector("image_norm", self.image_norm)
@@ -537,10 +571,10 @@ class Coordinator:
                 return
         except DataError:
             pass
-        save_model(directory, SavedModel(
+        self._write_state("final model", lambda: save_model(directory, SavedModel(
             layout=self.layout, params=self.params, columns=self.columns, mean=self.mean,
             scale=self.scale, plan=self.plan_doc, image_norm=self.image_norm),
-            extra={"run": self.run_id})
+            extra={"run": self.run_id}))
         log.info("final model written to %s", directory)
 
     def _announce_finished(self) -> None:
@@ -564,7 +598,7 @@ class Coordinator:
         """Run (or resume) the federation to the end; returns the final metrics record."""
         self.notifier.extend_timeout(120.0)
         self.notifier.status("starting")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.state_dir)
         self._load_checkpoint()
         if not self.transport.connect(retry=True, stop=self.stop_event,
                                       on_wait=self.notifier.waiting):

@@ -49,6 +49,7 @@ from agent.ops.hardware import (
     select_profile,
 )
 from agent.ops.sdnotify import Notifier
+from agent.ops.statedir import DISK_FULL, NOT_WRITABLE, describe, ensure_writable
 from agent.ops.status import (
     State,
     encode_status,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 MAX_TASK_BYTES = 256 << 20  # flat: the site learns the model (and so its size) from the task itself
 STATUS_EVERY_S = 10.0
 THROTTLE_POLL_S = 1.0  # while paused: how often the policy is asked again
+STATE_RETRY_S = 10.0  # a task the state directory refused is tried again after this
 START_TIMEOUT_S = 120.0  # asked of systemd while starting (a cold Numba cache compiles)
 
 
@@ -155,6 +157,7 @@ class Site:
         self.run_id: str | None = None
         self.answered: set[tuple[int, str]] = set()  # (round, manifest nonce)
         self.finished_runs: list[str] = []  # runs this site saw finish (oldest first)
+        self._retry: tuple[BodyReady, float] | None = None  # (task, when) after a state error
         self.answered_round: int | None = None  # the last round whose reply was acknowledged
         self.outbox = Outbox(config.state_dir)
         self.plan: Plan | None = None
@@ -248,6 +251,9 @@ class Site:
         self.answered.add((rnd, task.nonce))
         self.answered_round = rnd
         self._save_state()
+        if self.last_error in (DISK_FULL, NOT_WRITABLE):
+            log.info("round %d answered: the state directory takes writes again", rnd)
+            self.last_error = None
         self.state = State.IDLE
         self.publish_status()
 
@@ -527,6 +533,11 @@ class Site:
             self._fail("data_error", str(exc))
         except FedsiloError as exc:
             self._fail("task_failed", str(exc))
+        except OSError as exc:  # the state directory refused a write: full, or read-only
+            error = describe(self.config.state_dir, exc)
+            self._fail(error.code, f"round {m.round} not answered: {error}; trying again in "
+                                   f"{STATE_RETRY_S:.0f} s")
+            self._retry = (event, time.monotonic() + STATE_RETRY_S)
         except MemoryError as exc:  # host memory, or the GPU pool's memory_cap_mib
             self._fail("out_of_memory", f"round {m.round} needs more memory than this host "
                                         f"allows ({exc}); see memory_cap_mib in docs/hardware.md")
@@ -586,7 +597,7 @@ class Site:
     def run(self, *, exit_when_finished: bool = True) -> int:
         self.notifier.extend_timeout(START_TIMEOUT_S)  # imports, state, a cold Numba cache
         self.notifier.status("starting")
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.config.state_dir)
         self._load_state()
         kept = self.outbox.get(MAX_TASK_BYTES)
         if kept is not None and kept.run == self.run_id:  # resend requests may name it
@@ -614,7 +625,11 @@ class Site:
         try:
             while not self.stop_event.is_set():
                 self.notifier.beat()
-                for event in self.peer.poll(0.1):
+                events: list[Any] = self.peer.poll(0.1)
+                if self._retry is not None and time.monotonic() >= self._retry[1]:
+                    events.insert(0, self._retry[0])  # a task the state directory refused
+                    self._retry = None
+                for event in events:
                     if isinstance(event, BodyReady) and self._handle(event):
                         self.state = State.FINISHED
                         self.publish_status()
