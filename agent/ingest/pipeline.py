@@ -361,17 +361,33 @@ def _reject(reason: str) -> IngestOutcome:
     raise Rejected(reason)
 
 
+def _listed_files(path: Path) -> list[Path]:
+    """The files a single file brings when it is a DICOMDIR (known by content, whatever its
+    name); what is not followed is said."""
+    try:
+        with quiet_pydicom():
+            listing = dicomdir_files(path)
+    except Exception:  # noqa: BLE001 - not readable as DICOM: ingested (and judged) alone
+        if path.name.upper() == "DICOMDIR":
+            log.warning("%s: could not read the DICOMDIR's file list; ingesting it alone",
+                        path.name)
+        return []
+    if listing is None:
+        return []
+    log.info("%s is a DICOMDIR: ingesting the %d files it lists", path.name,
+             len(listing.files))
+    if listing.outside or listing.missing:
+        log.warning("%s: %d references leave its folder (not followed), %d name files that "
+                    "are not there", path.name, listing.outside, listing.missing)
+    if not listing.records:
+        log.warning("%s: a DICOMDIR that lists no files; give the folder instead", path.name)
+    return listing.files
+
+
 def _tree_files(root: Path) -> list[Path | None]:
     """Files to ingest, sorted; None stands for a link or special file that is skipped."""
     if root.is_file():
-        files: list[Path | None] = [root]
-        if root.name.upper() == "DICOMDIR":
-            try:
-                with quiet_pydicom():
-                    files += dicomdir_files(root)
-            except Exception:  # noqa: BLE001 - not a readable DICOMDIR: ingest it alone
-                log.warning("could not read the DICOMDIR's file list")
-        return files
+        return [root, *_listed_files(root)]
     if not root.is_dir():
         raise DataError(f"{root}: no such file or directory")
     out: list[Path | None] = []
