@@ -211,10 +211,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from agent.config import ImagingSpec, load_plan
     from agent.ingest.pipeline import IngestPipeline
 
+    if (args.path is None) != args.complete:
+        raise ConfigError("fedsilo ingest", "PATH", "takes no PATH with --complete (ingesting "
+                          "a PATH completes series too)" if args.complete else
+                          "give a folder, file or DICOMDIR to ingest, or --complete")
     imaging = (load_plan(args.plan).imaging if args.plan else None) or ImagingSpec()
     pipeline = IngestPipeline(Path(args.state), imaging, kernel_backend=args.backend)
     try:
-        pipeline.ingest_tree(Path(args.path), progress=True)
+        if args.path is not None:
+            pipeline.ingest_tree(Path(args.path), progress=True)
         pipeline.complete_series(quiet_s=0.0)
         summary = pipeline.summary()
     finally:
@@ -316,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="ingest a folder of DICOM files (or a DICOMDIR) "
                                            "into a site's image store, once")
-    ingest.add_argument("path", help="folder tree, single file or DICOMDIR")
+    ingest.add_argument("path", nargs="?", help="folder tree, single file or DICOMDIR")
+    ingest.add_argument("--complete", action="store_true",
+                        help="no PATH: complete the series already waiting in --state (e.g. "
+                             "received by the listener) on --plan's grid")
     ingest.add_argument("--state", required=True, help="the site's state directory")
     ingest.add_argument("--plan", help="federation plan TOML whose [imaging] grid to use "
                                        "(default: the built-in grid)")
