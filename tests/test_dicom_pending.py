@@ -60,7 +60,8 @@ def test_ingest_needs_a_path_or_complete_not_both(tmp_path, argv):
     run = _cli(*[str(tmp_path / a) if a in ("S", "IN") else a for a in argv])
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedsilo: fedsilo ingest: PATH: "), lines
+    assert len(lines) == 1 and lines[0].startswith("fedsilo: fedsilo ingest: PATH: give one "), \
+        lines
     assert "Traceback" not in run.stderr
 
 
