@@ -154,7 +154,10 @@ class WatchFolder:
             if self._stop.is_set():
                 break
             if path in writing:
-                log.debug("watch folder: %s is still open for writing; not taken yet", path)
+                if now - prev.since >= RETRY_AFTER_S:
+                    self._warn_once(f"open:{path}", "watch folder: %s has not changed for %.0f s "
+                                    "but a process still holds it open for writing; it is "
+                                    "taken once closed", path, now - prev.since)
                 continue
             handed += self._take(path, prev, now)
         for gone in self._seen.keys() - present:
