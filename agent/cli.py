@@ -221,11 +221,26 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     from agent.config import ImagingSpec, load_plan
     from agent.ingest.pipeline import IngestPipeline
+    from agent.ingest.quarantine import REASON_PATTERN
 
+    modes = [args.path is not None, args.complete, args.requeue_quarantine]
+    if sum(modes) != 1:
+        raise ConfigError("fedsilo ingest", "PATH", "give one of a folder, file or DICOMDIR "
+                          "to ingest, --complete or --requeue-quarantine")
+    if args.reason and not args.requeue_quarantine:
+        raise ConfigError("fedsilo ingest", "--reason", "goes with --requeue-quarantine")
+    for reason in args.reason:
+        if not REASON_PATTERN.fullmatch(reason):
+            raise ConfigError("fedsilo ingest", "--reason", f"{reason!r} is not a reason code "
+                              "(a folder name under STATE_DIR/quarantine, e.g. truncated)")
     imaging = (load_plan(args.plan).imaging if args.plan else None) or ImagingSpec()
     pipeline = IngestPipeline(Path(args.state), imaging, kernel_backend=args.backend)
     try:
-        pipeline.ingest_tree(Path(args.path), progress=True)
+        if args.path is not None:
+            pipeline.ingest_tree(Path(args.path), progress=True)
+        elif args.requeue_quarantine:
+            n = pipeline.requeue_quarantine(args.reason)
+            print(f"ingest: {n} quarantined files read again", file=sys.stderr)
         pipeline.complete_series(quiet_s=0.0)
         summary = pipeline.summary()
     finally:
@@ -334,7 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="ingest a folder of DICOM files (or a DICOMDIR) "
                                            "into a site's image store, once")
-    ingest.add_argument("path", help="folder tree, single file or DICOMDIR")
+    ingest.add_argument("path", nargs="?", help="folder tree, single file or DICOMDIR")
+    ingest.add_argument("--complete", action="store_true",
+                        help="no PATH: complete the series already waiting in --state (e.g. "
+                             "received by the listener) on --plan's grid")
+    ingest.add_argument("--requeue-quarantine", action="store_true",
+                        help="no PATH: ingest again the files in STATE_DIR/quarantine (e.g. "
+                             "truncated ones whose copy has since finished)")
+    ingest.add_argument("--reason", action="append", default=[],
+                        help="with --requeue-quarantine: only files quarantined for this "
+                             "reason (repeatable; default every reason)")
     ingest.add_argument("--state", required=True, help="the site's state directory")
     ingest.add_argument("--plan", help="federation plan TOML whose [imaging] grid to use "
                                        "(default: the built-in grid)")

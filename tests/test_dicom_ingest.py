@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -243,6 +244,44 @@ def test_dicomdir_file_brings_the_files_it_lists(tmp_path, pool):
         p.close()
     assert summary["skipped"]["dicomdir"] == 1
     assert summary["stored"] >= 20  # the CT and MR series it references
+
+
+def _dicomdir_tree(dest: Path, name: str, folders: bool = True) -> Path:
+    """pydicom's DICOMDIR test tree copied to `dest`, the DICOMDIR renamed `name`."""
+    dicomdir = Path(pydicom.data.get_testdata_file("DICOMDIR"))
+    dest.mkdir()
+    if folders:
+        for sub in ("77654033", "98892001", "98892003"):
+            shutil.copytree(dicomdir.parent / sub, dest / sub)
+    shutil.copy(dicomdir, dest / name)
+    return dest / name
+
+
+def test_a_dicomdir_under_another_name_is_known_by_its_content(tmp_path, pool, caplog):
+    # Issue 16.7: not named DICOMDIR, it was skipped alone (0 stored, 1 skipped).
+    renamed = _dicomdir_tree(tmp_path / "media", "index.dcm")
+    listed = {sop for sop, ok in map(_oracle, renamed.parent.rglob("*")) if ok}
+    p = _pipeline(tmp_path, pool)
+    caplog.set_level("INFO", logger="agent.ingest.pipeline")
+    try:
+        summary = p.ingest_tree(renamed)
+    finally:
+        p.close()
+    assert summary["skipped"]["dicomdir"] == 1
+    assert summary["stored"] == len(listed) >= 20  # every CT/MR image it references
+    assert "index.dcm is a DICOMDIR: ingesting the 31 files it lists" in caplog.text
+
+
+def test_a_dicomdir_whose_files_are_not_there_says_so(tmp_path, pool, caplog):
+    lonely = _dicomdir_tree(tmp_path / "media", "index.dcm", folders=False)
+    p = _pipeline(tmp_path, pool)
+    try:
+        summary = p.ingest_tree(lonely)
+    finally:
+        p.close()
+    assert summary["stored"] == 0 and summary["skipped"] == {"dicomdir": 1}
+    assert "index.dcm: 0 references leave its folder (not followed), 31 name files that are " \
+           "not there" in caplog.text
 
 
 # ---------------------------------------------------------------------------- broken input

@@ -4,7 +4,11 @@ slices, and the direct native decode. Each must give exactly what the plain path
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -155,3 +159,19 @@ def test_a_reader_killed_mid_walk_loses_no_file(tmp_path, monkeypatch):
     assert files(killed) - files(plain) <= Counter(decode_crashed=1)
     assert lost.total() == killed["quarantined"].get("decode_crashed", 0)
     assert killed["instances"] == killed["stored"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the CLI starts no reader")
+def test_cli_over_a_pool_sized_tree_prints_no_reader_traceback(tmp_path):
+    # Issue 16.2: a reader still starting when the agent had read every file itself found
+    # the pipe closed and printed a BrokenPipeError traceback on the (piped) stderr.
+    write_series(tmp_path / "in", pipeline_mod.POOL_MIN_FILES)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "ingest", str(tmp_path / "in"), "--state",
+         str(tmp_path / "s"), "--json", "--backend", "reference"],
+        capture_output=True, text=True, timeout=120)  # stderr a pipe, as in the issue
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["stored"] == pipeline_mod.POOL_MIN_FILES and summary["series_complete"] == 1
+    assert not summary["quarantined"] and not summary["skipped"]

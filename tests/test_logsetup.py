@@ -6,6 +6,10 @@ import base64
 import io
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -44,3 +48,73 @@ def test_setup_logging_filters_and_prefixes_priorities_under_journald(monkeypatc
     assert lines[1] == "<6>INFO agent.test: round 3 closed"
     monkeypatch.delitem(os.environ, "JOURNAL_STREAM")
     setup_logging("INFO")
+
+
+NON_CONFORMANT = "1.2.826.0.1.3680043.8.498.0123456789"  # a leading zero: not a valid UID
+INVALID = "1.2.826.0.1.3680043.8.498.77x"
+
+
+def _bad_uid_series(directory):
+    from tests.test_dicom_helpers import write_series
+
+    def edit(ds, k):
+        if k == 0:
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = NON_CONFORMANT
+        else:
+            ds.FrameOfReferenceUID = INVALID
+    return write_series(directory, 2, edit=edit)
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu) not found")
+def test_listener_run_logs_no_raw_uid_from_pydicom_or_pynetdicom(tmp_path):
+    # Issue 17.8: "Invalid value for VR UI: '<uid>'" (pydicom) and "Non-conformant 'Affected
+    # SOP Instance UID' value '<uid>'" (pynetdicom) reached the site log verbatim.
+    from agent.config import DicomSources
+    from agent.ingest.service import IngestService
+
+    files = _bad_uid_series(tmp_path / "pacs")
+    stream = io.StringIO()
+    setup_logging("INFO", stream=stream)
+    service = IngestService(tmp_path / "state", DicomSources(
+        listen=True, ae_title="FEDSILO", port=0, bind="127.0.0.1", allowed_callers=("PACS",)))
+    service.start()
+    try:
+        sent = subprocess.run(["storescu", "-aet", "PACS", "-aec", "FEDSILO", "127.0.0.1",
+                               str(service.listener_port), *map(str, files)],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, TCP_NODELAY="1"))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        end = time.monotonic() + 30
+        while service.status_extra()["ingest_stored"] < 2 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert service.status_extra()["ingest_stored"] == 2
+    finally:
+        service.stop()
+        setup_logging("INFO")
+    out = stream.getvalue()
+    assert NON_CONFORMANT not in out and INVALID not in out and "3680043" not in out, out
+    assert "pynetdicom.utils: Non-conformant 'Affected SOP Instance UID' value [redacted]" in out
+    # pydicom's own "Invalid value for VR UI: ..." lines show redacted too, until the first
+    # ingested file silences pydicom's logger for the process (earlier tests may have).
+    assert all("Invalid value for VR UI: [redacted]." in line for line in out.splitlines()
+               if line.split()[2:3] == ["pydicom:"])
+
+
+def test_ingest_run_logs_no_raw_uid(tmp_path):
+    files = _bad_uid_series(tmp_path / "in")
+    run = subprocess.run([sys.executable, "-m", "agent", "--log-level", "DEBUG", "ingest",
+                          str(files[0].parent), "--state", str(tmp_path / "s"), "--backend",
+                          "reference"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "stored 2 files" in run.stdout
+    assert "3680043" not in run.stderr + run.stdout, run.stderr
+
+
+def test_redaction_of_uids_keeps_standard_uids_versions_and_addresses():
+    line = ("C-STORE 1.2.840.10008.5.1.4.1.1.2 in 1.2.840.10008.1.2.4.50 from 10.1.2.3 and "
+            "0.0.0.0:11112, fedsilo 0.1.0; instance 2.25.329800735698586629295641978511506172918"
+            " and 1.3.6.1.4.1.9590.100.1.2.1234.")
+    out = redact(line)
+    assert out.startswith("C-STORE 1.2.840.10008.5.1.4.1.1.2 in 1.2.840.10008.1.2.4.50 from "
+                          "10.1.2.3 and 0.0.0.0:11112, fedsilo 0.1.0; instance [uid redacted]")
+    assert "9590" not in out and "32980073" not in out

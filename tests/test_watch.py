@@ -107,6 +107,28 @@ def test_slow_writer_is_not_taken_before_the_file_settles(dirs):
     assert wf.poll_once() == 0 and len(calls.items) == 1
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_a_settled_file_still_open_for_writing_is_not_taken(dirs, caplog):
+    # Issue 17.7: a writer pausing longer than settle_s had its file moved from under it.
+    watch, incoming = dirs
+    clock, calls = Clock(), Calls()
+    wf = WatchFolder(watch, incoming, calls, poll_s=1.0, settle_s=2.0, clock=clock)
+    f = watch / "slice.dcm"
+    with f.open("wb") as writer:  # this process is the writer: visible in /proc/self/fd
+        writer.write(b"half")
+        writer.flush()
+        assert wf.poll_once() == 0
+        for _ in range(4):
+            clock.now += 10.0  # settled by size and mtime long ago
+            assert wf.poll_once() == 0 and f.exists()
+        assert "still holds it open for writing" in caplog.text
+        writer.write(b" and the rest")
+    clock.now += 1.0
+    assert wf.poll_once() == 0  # changed on close: settles afresh
+    clock.now += 2.5
+    assert wf.poll_once() == 1 and calls.items[0][0].read_bytes() == b"half and the rest"
+
+
 def test_missing_incoming_dir_is_recreated_not_mistaken_for_a_vanished_file(dirs):
     """Regression: a FileNotFoundError from a missing *destination* dropped the file silently."""
     watch, incoming = dirs

@@ -386,6 +386,8 @@ class Site:
         if self.site_id not in plan.sites:
             log.warning("this site is not listed in the plan of federation %s; idle", self.fed)
             return
+        if plan.imaging is not None and self.ingest is not None:
+            self.ingest.set_imaging(plan.imaging)  # series waiting for a grid complete now
         self.round = m.round
         data = self._ensure_data(plan)
         if m.body_kind is BodyKind.STATS_TASK:

@@ -161,6 +161,15 @@ READY = b"ready"
 STARTUP_TIMEOUT_S = 120.0
 
 
+def _until_hangup(target: Callable[..., None], conn: Connection, *args: Any) -> None:
+    """Run a worker's loop; the agent closing its end of the pipe (it finished, or exited
+    while this worker was still starting) is a normal end, not a traceback on stderr."""
+    try:
+        target(conn, *args)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass
+
+
 class WorkerProcess:
     """A child process that serves requests over its end of a pipe (`target(conn, *args)`);
     `stop` closes the pipe, joins, and kills what does not end."""
@@ -168,7 +177,8 @@ class WorkerProcess:
     def __init__(self, ctx: Any, target: Callable[..., None], args: tuple[Any, ...],
                  name: str) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=target, args=(child, *args), daemon=True, name=name)
+        self.process = ctx.Process(target=_until_hangup, args=(target, child, *args),
+                                   daemon=True, name=name)
         self.process.start()
         child.close()
 

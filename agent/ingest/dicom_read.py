@@ -221,9 +221,7 @@ def transfer_syntax(ds: pydicom.Dataset) -> dicom_uid.UID:
 
 def classify(ds: pydicom.Dataset) -> str:
     """"CT" or "MR" for an image we store; otherwise a skip (or a quarantine if unusable)."""
-    meta = getattr(ds, "file_meta", None)
-    media = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-    if media == dicom_uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+    if is_dicomdir(ds):
         raise skip(DICOMDIR)
     sop = kept(ds, "SOPClassUID")
     if not sop:
@@ -420,19 +418,43 @@ def _fill_positions(ds: Any, frames: list[tuple[Any, ...]]) -> list[tuple[Any, .
 # ---------------------------------------------------------------------------- DICOMDIR
 
 
-def dicomdir_files(path: Path) -> list[Path]:
-    """Files a DICOMDIR lists that exist beside it (references leaving its folder are
-    ignored)."""
-    ds = pydicom.dcmread(path, force=True)
+def is_dicomdir(ds: pydicom.Dataset) -> bool:
+    """A media directory by content (its name may be anything): the Media Storage
+    Directory SOP class, or a directory record sequence."""
+    meta = getattr(ds, "file_meta", None)
+    media = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    return media == dicom_uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
+
+
+@dataclass(frozen=True)
+class DicomdirListing:
+    files: list[Path]  # listed files that exist beside it, each once
+    records: int  # records that reference a file
+    outside: int  # references leaving its folder: not followed
+    missing: int  # references to files that are not there
+
+
+def dicomdir_files(path: Path) -> DicomdirListing | None:
+    """What the DICOMDIR at `path` lists, or None when the file is not a DICOMDIR (by
+    content). References leaving its folder are not followed."""
+    ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    if not is_dicomdir(ds):
+        return None
     root = path.parent.resolve()
     out: list[Path] = []
+    records = outside = missing = 0
     for record in ds.get("DirectoryRecordSequence", []):
         ref = record.get("ReferencedFileID")
         if not ref:
             continue
+        records += 1
         parts = [str(p) for p in (ref if isinstance(ref, (list, pydicom.multival.MultiValue))
                                   else [ref])]
         target = root.joinpath(*parts).resolve()
-        if target.is_relative_to(root) and target.is_file() and target not in out:
+        if not target.is_relative_to(root):
+            outside += 1
+        elif not target.is_file():
+            missing += 1
+        elif target not in out:
             out.append(target)
-    return out
+    return DicomdirListing(out, records, outside, missing)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,6 +49,7 @@ from agent.ingest.quarantine import (
     DECODE_TIMEOUT,
     DEFERRED,
     DUPLICATE,
+    HELD,
     INTERNAL_ERROR,
     NOT_A_FILE,
     QUARANTINED,
@@ -109,16 +110,18 @@ class IngestPipeline:
 
     # ------------------------------------------------------------------ files
 
-    def ingest_file(self, path: Path, *, source: str = "file",
-                    consume: bool = False) -> IngestOutcome:
-        """Ingest one file; `consume` deletes it afterwards (moved, if quarantined)."""
+    def ingest_file(self, path: Path, *, source: str = "file", consume: bool = False,
+                    hold: Collection[str] = ()) -> IngestOutcome:
+        """Ingest one file; `consume` deletes it afterwards (moved, if quarantined). A
+        quarantine reason in `hold` leaves the file where it is, uncounted, and answers
+        HELD with that reason (the caller retries it later)."""
         path = Path(path)
         source = _SOURCE.sub("_", source)[:64] or "file"
         return self._settle(path, lambda: self._ingest(path, source), source=source,
-                            consume=consume)
+                            consume=consume, hold=hold)
 
     def _settle(self, path: Path, work: Callable[[], IngestOutcome], *, source: str,
-                consume: bool) -> IngestOutcome:
+                consume: bool, hold: Collection[str] = ()) -> IngestOutcome:
         """Run `work` for one file and act on its outcome (quarantine, consume, count)."""
         try:
             with quiet_pydicom():
@@ -128,6 +131,8 @@ class IngestPipeline:
         except Exception as exc:  # noqa: BLE001 - a bug must cost one file, not the agent
             log.error("internal error while ingesting a file (%s)", type(exc).__name__)
             outcome = IngestOutcome(QUARANTINED, INTERNAL_ERROR)
+        if outcome.status == QUARANTINED and outcome.reason in hold:
+            return IngestOutcome(HELD, outcome.reason)
         if outcome.status == QUARANTINED:
             where = self.quarantine.put(path, outcome.reason or INTERNAL_ERROR, consume=consume)
             log.debug("quarantined a file from %s: %s%s", source, outcome.reason,
@@ -222,6 +227,15 @@ class IngestPipeline:
         if bar is not None:
             bar.finish(self._files)
         return self.summary()
+
+    def requeue_quarantine(self, reasons: Collection[str] = ()) -> int:
+        """Ingest again the files quarantined under `reasons` (every reason when empty), e.g.
+        truncated files whose writer has since finished: each leaves the quarantine, stored,
+        or is quarantined anew under the reason it has now. Returns how many were tried."""
+        files = self.quarantine.files(reasons)
+        for path in files:
+            self.ingest_file(path, source="requeue", consume=True)
+        return len(files)
 
     def _readers(self, n_files: int) -> contextlib.AbstractContextManager[TreePool | None]:
         """Reader processes for a tree big enough to repay starting them."""
@@ -361,17 +375,33 @@ def _reject(reason: str) -> IngestOutcome:
     raise Rejected(reason)
 
 
+def _listed_files(path: Path) -> list[Path]:
+    """The files a single file brings when it is a DICOMDIR (known by content, whatever its
+    name); what is not followed is said."""
+    try:
+        with quiet_pydicom():
+            listing = dicomdir_files(path)
+    except Exception:  # noqa: BLE001 - not readable as DICOM: ingested (and judged) alone
+        if path.name.upper() == "DICOMDIR":
+            log.warning("%s: could not read the DICOMDIR's file list; ingesting it alone",
+                        path.name)
+        return []
+    if listing is None:
+        return []
+    log.info("%s is a DICOMDIR: ingesting the %d files it lists", path.name,
+             len(listing.files))
+    if listing.outside or listing.missing:
+        log.warning("%s: %d references leave its folder (not followed), %d name files that "
+                    "are not there", path.name, listing.outside, listing.missing)
+    if not listing.records:
+        log.warning("%s: a DICOMDIR that lists no files; give the folder instead", path.name)
+    return listing.files
+
+
 def _tree_files(root: Path) -> list[Path | None]:
     """Files to ingest, sorted; None stands for a link or special file that is skipped."""
     if root.is_file():
-        files: list[Path | None] = [root]
-        if root.name.upper() == "DICOMDIR":
-            try:
-                with quiet_pydicom():
-                    files += dicomdir_files(root)
-            except Exception:  # noqa: BLE001 - not a readable DICOMDIR: ingest it alone
-                log.warning("could not read the DICOMDIR's file list")
-        return files
+        return [root, *_listed_files(root)]
     if not root.is_dir():
         raise DataError(f"{root}: no such file or directory")
     out: list[Path | None] = []

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from agent.errors import DataError
@@ -26,6 +27,7 @@ DUPLICATE = "duplicate"
 QUARANTINED = "quarantined"
 SKIPPED = "skipped"
 DEFERRED = "deferred"  # only between a tree reader and the agent: "ingest this one yourself"
+HELD = "held"  # a reason the caller asked to keep: the file stays where it is, not counted
 
 # Quarantine reasons (the file is kept for a person to look at).
 NOT_DICOM = "not_dicom"  # no DICOM preamble and not a plausible raw data set, or unparseable
@@ -115,6 +117,16 @@ class Quarantine:
             tmp.unlink(missing_ok=True)
             log.error("could not quarantine a file under %s (%s)", reason, type(exc).__name__)
             return None
+
+    def files(self, reasons: Collection[str] = ()) -> list[Path]:
+        """The files held under `reasons` (every reason when empty), by reason and name."""
+        for reason in reasons:
+            if not REASON_PATTERN.fullmatch(reason):
+                raise ValueError(f"not a valid reason code: {reason!r}")
+        folders = [self.root / r for r in reasons] if reasons else sorted(
+            f for f in self.root.iterdir() if REASON_PATTERN.fullmatch(f.name))
+        return [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir())
+                if f.suffix == ".dcm" and not f.name.startswith(".") and f.is_file()]
 
     def counts(self) -> dict[str, int]:
         """Files held per reason (what the site status reports)."""

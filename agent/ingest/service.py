@@ -4,15 +4,23 @@ The DICOM listener and the watch folder only drop files into `incoming/` and enq
 consumer thread runs the ingest pipeline on each (so decoding never blocks a C-STORE
 association or the MQTT loop) and completes series after their quiet period. The federation
 code asks this service for the preprocessed image of each (pseudonymised) patient.
+
+A file from the watch folder (or left in `incoming/` by an earlier run) that reads as
+truncated may still be written: a writer the watch folder could not see kept its file open
+and paused longer than the settle time. It is not quarantined at once but kept in
+`incoming/` and read again once it has not changed for `TRUNCATED_RETRY_S`; only a file
+still truncated then is quarantined.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +29,20 @@ import numpy as np
 from agent.config import DicomSources, ImagingSpec
 from agent.ingest.deid import load_or_create_secret, pseudonym
 from agent.ingest.pipeline import IngestPipeline
+from agent.ingest.quarantine import HELD, TRUNCATED
 
 log = logging.getLogger(__name__)
 
 COMPLETE_EVERY_S = 1.0
+TRUNCATED_RETRY_S = 60.0  # quiet time before a truncated watch-folder file is read again
+_HOLD_SOURCES = frozenset({"watch", "incoming"})  # the listener receives whole data sets
+
+
+@dataclass
+class _Held:
+    size: int
+    mtime_ns: int
+    since: float  # monotonic time of the last change seen
 
 
 class IngestService:
@@ -41,6 +59,7 @@ class IngestService:
                                        **sizing)
         self.secret = load_or_create_secret(self.state_dir)
         self.queue: queue.Queue[tuple[Path, str]] = queue.Queue()
+        self._held: dict[Path, _Held] = {}  # read as truncated, waiting to be read again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._consume, name="ingest", daemon=True)
         self._listener = None
@@ -91,9 +110,8 @@ class IngestService:
             except queue.Empty:
                 path = None
             if path is not None:
-                outcome = self.pipeline.ingest_file(path, source=source, consume=True)
-                if outcome.status == "quarantined":
-                    log.warning("quarantined a file from %s: %s", source, outcome.reason)
+                self._ingest(path, source)
+            self._retry_held()
             now = time.time()
             if now - last_complete >= COMPLETE_EVERY_S:
                 last_complete = now
@@ -101,6 +119,32 @@ class IngestService:
                     self.pipeline.complete_series(quiet_s=self.dicom.series_quiet_s, now=now)
                 except Exception:  # noqa: BLE001 - a bad series must not end the ingest thread
                     log.exception("completing series failed")
+
+    def _ingest(self, path: Path, source: str, *, final: bool = False) -> None:
+        hold = (TRUNCATED,) if source in _HOLD_SOURCES and not final else ()
+        outcome = self.pipeline.ingest_file(path, source=source, consume=True, hold=hold)
+        if outcome.status == HELD:
+            st = _stat(path)
+            if st is not None:
+                self._held[path] = _Held(st[0], st[1], time.monotonic())
+                log.info("a file from %s reads as truncated; it is read again once it has not "
+                         "changed for %.0f s (a writer may still be at it)", source,
+                         TRUNCATED_RETRY_S)
+        elif outcome.status == "quarantined":
+            log.warning("quarantined a file from %s: %s", source, outcome.reason)
+
+    def _retry_held(self) -> None:
+        """Read held files again once quiet; a change restarts the wait."""
+        now = time.monotonic()
+        for path, held in list(self._held.items()):
+            st = _stat(path)
+            if st is None:
+                del self._held[path]
+            elif st != (held.size, held.mtime_ns):
+                self._held[path] = _Held(st[0], st[1], now)
+            elif now - held.since >= TRUNCATED_RETRY_S:
+                del self._held[path]
+                self._ingest(path, "watch", final=True)
 
     # ------------------------------------------------------------------ for training
 
@@ -134,6 +178,7 @@ class IngestService:
         out: dict[str, Any] = {"ingest_stored": s.get("stored", 0),
                                "ingest_duplicates": s.get("duplicates", 0),
                                "ingest_queue": self.queue.qsize(),
+                               "ingest_held_truncated": len(self._held),
                                "series_complete": s.get("series_complete", 0)}
         for group in ("quarantined", "skipped", "series_invalid"):
             counts = s.get(group, {})
@@ -141,3 +186,11 @@ class IngestService:
             out[f"ingest_{group}_reasons"] = ",".join(f"{k}={v}" for k, v in
                                                       sorted(counts.items()))
         return out
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

@@ -11,6 +11,12 @@ Why it looks like this:
 - Taken files are *moved* (not copied) into `incoming_dir` under a random name: the drop folder
   empties as work is accepted, and a name chosen by the exporter (often the patient's name) never
   travels further. Across filesystems: copy, fsync, rename into place, then delete the source.
+- Size and mtime alone cannot tell a writer that paused from one that finished. On Linux a
+  settled file that any process we can see still holds open for writing is left for the next
+  poll (`held_for_writing`: one bounded scan of /proc per poll with settled files). Writers we
+  cannot see (another host on NFS/SMB, another user) are caught later: a file that reads as
+  truncated is retried by the ingest service after a longer quiet period before it is
+  quarantined (see service.py).
 - Permission errors, files vanishing mid-way and a missing or unmounted folder are logged once
   and retried; the thread never dies of them.
 """
@@ -39,6 +45,7 @@ DICOM_SUFFIX = ".dcm"  # files in incoming_dir: random name + this suffix, from 
 IGNORED_SUFFIXES = (".part", ".tmp")
 RETRY_AFTER_S = 30.0
 _COPY_CHUNK = 1 << 20
+PROC_SCAN_BUDGET_S = 0.5  # the /proc scan gives up (files taken on size/mtime) past this
 
 
 def is_ignored(name: str) -> bool:
@@ -120,6 +127,7 @@ class WatchFolder:
         """One pass over the folder; returns how many files were handed over."""
         now = self._clock()
         present: set[Path] = set()
+        settled: list[tuple[Path, _Seen]] = []
         handed = 0
         for path in self._scan():
             if self._stop.is_set():
@@ -139,6 +147,17 @@ class WatchFolder:
                 self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
                 continue
             if now - prev.since < self.settle_s or self._retry_at.get(path, now) > now:
+                continue
+            settled.append((path, prev))
+        writing = held_for_writing([p for p, _ in settled]) if settled else set()
+        for path, prev in settled:
+            if self._stop.is_set():
+                break
+            if path in writing:
+                if now - prev.since >= RETRY_AFTER_S:
+                    self._warn_once(f"open:{path}", "watch folder: %s has not changed for %.0f s "
+                                    "but a process still holds it open for writing; it is "
+                                    "taken once closed", path, now - prev.since)
                 continue
             handed += self._take(path, prev, now)
         for gone in self._seen.keys() - present:
@@ -202,6 +221,51 @@ class WatchFolder:
             self._warned.clear()
         self._warned.add(key)
         log.warning(msg, *args)
+
+
+def held_for_writing(paths: list[Path], budget_s: float = PROC_SCAN_BUDGET_S) -> set[Path]:
+    """Those of `paths` that a process visible in /proc holds open for writing (Linux).
+
+    One pass over /proc/*/fd, reading link names only (no stat on other processes' files, so a
+    hung network mount elsewhere cannot block it), bounded by `budget_s`; empty where /proc is
+    missing or when the budget runs out (the caller then goes by size and mtime alone)."""
+    wanted: dict[str, Path] = {}
+    for p in paths:
+        wanted[os.path.realpath(p)] = p
+    found: set[Path] = set()
+    deadline = time.monotonic() + budget_s
+    try:
+        pids = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if time.monotonic() > deadline:
+            log.debug("watch folder: /proc scan over budget; going by size and mtime")
+            return set()
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's process
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            path = wanted.get(target)
+            if path is not None and _open_for_writing(pid, fd):
+                found.add(path)
+    return found
+
+
+def _open_for_writing(pid: str, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def move_file(src: Path, dest: Path) -> None:
