@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -195,3 +196,28 @@ def test_a_site_outside_its_training_hours_waits_says_so_and_stops_promptly(
     down = read_retained(mosquitto.port, topics.site_status(FED, "north"),
                          lambda d: d["state"] == "offline")
     assert down["offline_reason"] == "stopped"
+
+
+def test_first_training_step_is_timed_from_the_tasks_arrival_not_from_the_wait(
+        tmp_path, mosquitto):
+    """A site started long before the coordinator: its cold-start figure counts the wait, the
+    figure per task does not."""
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    site = start_site(cfg, tmp_path / "north.log")
+    read_retained(mosquitto.port, topics.site_status(FED, "north"), lambda d: d["state"] == "idle")
+    time.sleep(4.0)  # nobody to train for yet
+    CoordinatorThread(plan_for(features, ["north"], rounds=1), mosquitto.port,
+                      tmp_path / "coord").start().join(timeout=60)
+    assert stop_all([site]) == [0]
+    status = read_retained(mosquitto.port, topics.site_status(FED, "north"))
+    after_start, after_task = status["first_step_after_start_s"], status["first_step_after_task_s"]
+    assert after_start >= 4.0
+    assert 0 < after_task < after_start - 3.0
+    line = next(x for x in (tmp_path / "north.log").read_text().splitlines()
+                if "first training step" in x)
+    logged = re.search(r"first training step ([0-9.]+) s after the task arrived \(([0-9.]+) s "
+                       r"after process start\)", line)
+    assert logged, line
+    assert float(logged[1]) == pytest.approx(after_task, abs=0.006)
+    assert float(logged[2]) == pytest.approx(after_start, abs=0.006)
