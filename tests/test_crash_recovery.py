@@ -19,6 +19,7 @@ import pytest
 
 from agent.config import CompressionSpec, ModelSpec
 from agent.federation import topics
+from agent.federation.outbox import Outbox
 from agent.learn.modelfile import load_model
 from agent.ops.crashpoints import ENV as CRASH_AT
 from tests.fedharness import (
@@ -276,7 +277,9 @@ def test_coordinator_killed_mid_round_gets_the_kept_updates_again_not_retrained(
     for name in NAMES:
         site_state = tmp_path / "sites" / name
         residuals[name] = next(site_state.glob("residual-*.f32")).read_bytes()
-        assert residuals[name] == (site_state / "outbox" / "reply.residual.f32").read_bytes()
+        kept = Outbox(site_state).get(max_body=1 << 30)
+        assert kept is not None and kept.manifest.round == 1
+        assert residuals[name] == kept.residual.astype("<f4").tobytes()
 
     second = start_coordinator(cfg, plan_file, log)
     assert second.wait(120) == 0, log.read_text()[-3000:]

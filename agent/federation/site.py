@@ -245,6 +245,7 @@ class Site:
         self.peer.send_body(topics.site_manifest(self.fed, self.site_id, rnd),
                             lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
                             reply.manifest, reply.body)
+        self.outbox.make_durable()
         if reply.residual is not None:
             self._save_residual(reply.residual)
         crash_point("site.residual_saved")
