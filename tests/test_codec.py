@@ -12,10 +12,9 @@ import zstandard
 import kernels
 from agent.config import CompressionSpec
 from agent.errors import ProtocolError
-from agent.federation.aggregate import FedAvgAccumulator, fedavg
+from agent.federation.aggregate import FedAvgAccumulator, WeightedSum, accumulate_update, fedavg
 from agent.federation.codec import (
     UpdateStream,
-    accumulate_update,
     encode_update,
     max_body_len,
     packed_size,
@@ -148,7 +147,7 @@ def test_a_body_fed_in_any_pieces_decodes_like_the_whole(spec):
     rng = np.random.default_rng(0)
     for _ in range(3):
         acc = np.zeros(d.size, F32)
-        stream = UpdateStream(acc, 1.0, enc.meta, spec, K)
+        stream = UpdateStream(WeightedSum(acc, 1.0, K), enc.meta, spec)
         cuts = np.sort(rng.integers(0, len(enc.body), 40))
         for a, b in zip([0, *cuts], [*cuts, len(enc.body)], strict=True):
             stream.feed(enc.body[a:b])
@@ -166,7 +165,7 @@ def test_an_update_cut_off_adds_whole_frames_up_to_its_watermark(spec):
     assert len(frames) >= 2
     cut = len(body_of(frames[:-1])) + 10  # into the last frame
     acc = np.zeros(d.size, F32)
-    stream = UpdateStream(acc, 1.0, enc.meta, spec, K)
+    stream = UpdateStream(WeightedSum(acc, 1.0, K), enc.meta, spec)
     stream.feed(enc.body[:cut])
     with pytest.raises(ProtocolError, match="bad_update_size"):
         stream.finish()

@@ -18,10 +18,51 @@ from agent.errors import ConfigError
 
 MODEL_KINDS = ("logistic", "mlp", "cnn_fused")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("fedavg",)
+# Each strategy and the [strategy] options it takes (besides `name` and `max_weight_fraction`);
+# the implementations are registered in agent/federation/strategy.py under the same names.
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
+    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
+    "median": (),
+    "trimmed_mean": ("trim_fraction",),
+    "multi_krum": ("byzantine", "krum_select"),
+    "norm_bound": ("norm_bound", "norm_action"),
+}
+STRATEGIES = tuple(STRATEGY_OPTIONS)
+NORM_ACTIONS = ("clip", "reject")
 QUANTIZERS = ("none", "int8")
 MISSING_POLICIES = ("mean", "drop")
 FEATURE_TYPES = ("numeric", "categorical")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How the coordinator combines updates (README's plan table says what each does).
+
+    `max_weight_fraction` caps the share of the total weight any one site may have, whatever
+    sample count it claims. Server optimizers (fedadam, fedyogi: Reddi et al., ICLR 2021) step
+    with `server_lr`, `beta1`, `beta2`, `tau` on the mean update. Robust rules: `trim_fraction`
+    of the values dropped at each end per coordinate (trimmed_mean); `byzantine` sites assumed
+    bad and `krum_select` updates averaged (multi_krum, 0 = all but `byzantine`); updates whose
+    norm exceeds `norm_bound` x the round's median norm are clipped to it or rejected."""
+
+    name: str = "fedavg"
+    max_weight_fraction: float = 1.0
+    server_lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    trim_fraction: float = 0.1
+    byzantine: int = 1
+    krum_select: int = 0
+    norm_bound: float = 3.0
+    norm_action: str = "clip"
+
+    def options(self) -> dict[str, Any]:
+        """The settings this strategy uses (plan digest, wire, metrics): only those."""
+        keys = ("max_weight_fraction", *STRATEGY_OPTIONS[self.name])
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -98,7 +139,7 @@ class Plan:
     missing: str = "mean"
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
-    strategy: str = "fedavg"
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
     imaging: ImagingSpec | None = None
     compression: CompressionSpec = field(default_factory=CompressionSpec)
@@ -132,7 +173,10 @@ class Plan:
                 "momentum": self.training.momentum,
                 "weight_decay": self.training.weight_decay,
             },
-            "strategy": self.strategy,
+            # The name alone for plain FedAvg, so plans (and their checkpoints' digests) from
+            # before strategies had options stay the same plan.
+            "strategy": self.strategy.name if self.strategy == StrategySpec() else {
+                "name": self.strategy.name, **self.strategy.options()},
             "seed": self.seed,
             "compression": {"quantize": self.compression.quantize,
                             "topk_fraction": self.compression.topk_fraction,
@@ -259,11 +303,25 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             weight_decay=tr.number("weight_decay", 0.0, lo=0.0, hi=1.0),
         )
 
-    strategy = "fedavg"
+    strategy = StrategySpec()
     st = top.sub("strategy")
     if st is not None:
-        st.reject_unknown({"name"})
-        strategy = st.choice("name", STRATEGIES, "fedavg")
+        name = st.choice("name", STRATEGIES, "fedavg")
+        st.reject_unknown({"name", "max_weight_fraction", *STRATEGY_OPTIONS[name]})
+        d = StrategySpec()
+        strategy = StrategySpec(
+            name=name,
+            max_weight_fraction=st.number("max_weight_fraction", d.max_weight_fraction,
+                                          lo=1e-3, hi=1.0),
+            server_lr=st.number("server_lr", d.server_lr, lo=1e-6, hi=10.0),
+            beta1=st.number("beta1", d.beta1, lo=0.0, hi=0.9999),
+            beta2=st.number("beta2", d.beta2, lo=0.0, hi=0.99999),
+            tau=st.number("tau", d.tau, lo=1e-9, hi=1.0),
+            trim_fraction=st.number("trim_fraction", d.trim_fraction, lo=0.0, hi=0.49),
+            byzantine=st.number("byzantine", d.byzantine, lo=0, hi=1000, integer=True),
+            krum_select=st.number("krum_select", d.krum_select, lo=0, hi=10_000, integer=True),
+            norm_bound=st.number("norm_bound", d.norm_bound, lo=1.0, hi=1e6),
+            norm_action=st.choice("norm_action", NORM_ACTIONS, d.norm_action))
 
     compression = CompressionSpec()
     c = top.sub("compression")
@@ -311,7 +369,8 @@ def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
         "data": {"missing": d["missing"]},
         "model": model,
         "training": d["training"],
-        "strategy": {"name": d["strategy"]},
+        "strategy": d["strategy"] if isinstance(d["strategy"], dict)
+        else {"name": d["strategy"]},
     }
     if d["imaging"] is not None:
         doc["imaging"] = d["imaging"]

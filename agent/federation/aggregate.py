@@ -7,6 +7,7 @@ before any math (total weight must be positive and finite).
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from types import ModuleType
@@ -17,6 +18,45 @@ import numpy as np
 from agent.config import CompressionSpec
 from agent.errors import ProtocolError
 from agent.federation.codec import UpdateStream
+
+
+def _array_module(a: Any) -> ModuleType:
+    """numpy, or cupy for a sum kept on a GPU."""
+    return importlib.import_module(type(a).__module__.split(".")[0])
+
+
+class WeightedSum:
+    """A FrameSink that adds `weight` x each frame into `acc` (numpy, or cupy on the gpu
+    backend); whole int8 frames may go to `holder` instead, to be summed with other sites'."""
+
+    def __init__(self, acc: Any, weight: float, kernels: ModuleType,
+                 holder: FedAvgAccumulator | None = None) -> None:
+        self.acc, self.n = acc, acc.size
+        self.weight = float(weight)
+        self._kernels, self._holder = kernels, holder
+        self._xp = _array_module(acc)
+
+    def dense_int8(self, f: int, a: int, q: np.ndarray, scales: np.ndarray, block: int) -> None:
+        if self._holder is not None:
+            self._holder.hold(f, a, q, scales, self.weight)
+        else:
+            self._kernels.dequantize_accumulate(self.acc[a:a + q.size], q, scales, block,
+                                                self.weight)
+
+    def dense_f32(self, a: int, values: np.ndarray) -> None:
+        self._kernels.weighted_accumulate(self.acc[a:a + values.size], values, self.weight)
+
+    def sparse_int8(self, idx: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int
+                    ) -> None:
+        self._kernels.scatter_dequantize_accumulate(self.acc, self._xp.asarray(idx), q, scales,
+                                                    block, self.weight)
+
+    def sparse_f32(self, idx: np.ndarray, values: np.ndarray) -> None:
+        self.acc[self._xp.asarray(idx)] += self._xp.asarray(np.float32(self.weight) * values)
+
+    def ended(self) -> None:
+        if self._holder is not None:
+            self._holder.stream_ended()
 
 
 class FedAvgAccumulator:
@@ -47,7 +87,7 @@ class FedAvgAccumulator:
             self.acc = cupy.zeros(size, dtype=cupy.float32)
         else:
             self.acc = np.zeros(size, dtype=np.float32)
-        self.streams: list[tuple[str, UpdateStream]] = []
+        self.streams: list[tuple[str, UpdateStream, float]] = []
         self.closed = False
         self._held: dict[int, tuple[int, list[tuple[np.ndarray, np.ndarray, float]]]] = {}
         self._held_bytes = 0
@@ -56,15 +96,15 @@ class FedAvgAccumulator:
     @property
     def total_weight(self) -> float:
         """Weight of the updates that arrived whole and well formed."""
-        return sum(s.weight for _, s in self.streams if s.accepted)
+        return sum(w for _, s, w in self.streams if s.accepted)
 
     @property
     def count(self) -> int:
-        return sum(1 for _, s in self.streams if s.accepted)
+        return sum(1 for _, s, _w in self.streams if s.accepted)
 
     def partial(self) -> dict[str, float]:
         """Updates that added part of themselves: site -> share of parameters settled."""
-        return {label: s.watermark / s.n for label, s in self.streams
+        return {label: s.watermark / s.n for label, s, _w in self.streams
                 if not s.accepted and s.watermark > 0}
 
     def open_update(self, meta: dict[str, Any], weight: float, spec: CompressionSpec,
@@ -74,9 +114,10 @@ class FedAvgAccumulator:
             raise ValueError(f"update weight must be positive and finite, got {weight}")
         if self.closed:
             raise ProtocolError("round_closed")
-        stream = UpdateStream(self.acc, weight, meta, spec, self._kernels, body_len, self)
         self._block = spec.block
-        self.streams.append((label, stream))
+        stream = UpdateStream(WeightedSum(self.acc, weight, self._kernels, self), meta, spec,
+                              body_len)
+        self.streams.append((label, stream, float(weight)))
         return stream
 
     # FrameHolder: whole int8 frames from the streams, summed several sites at a time
@@ -90,7 +131,7 @@ class FedAvgAccumulator:
         self._sum_ready()
 
     def _sum_ready(self) -> None:
-        live = [s for _, s in self.streams if s.live]
+        live = [s for _, s, _w in self.streams if s.live]
         for f in sorted(self._held):
             if all(s.frame > f for s in live):  # no update still arriving lacks frame f
                 self._sum_frame(f)
@@ -121,11 +162,11 @@ class FedAvgAccumulator:
         """New global parameters = old + weighted mean update (per parameter over the updates
         that reached it); closes the sum to further frames."""
         self.closed = True
-        for _, s in self.streams:
+        for _, s, _w in self.streams:
             s.abandon(ProtocolError("round_closed"))
         while self._held:
             self._sum_frame(min(self._held))
-        reached = [(s.watermark, s.weight) for _, s in self.streams if s.watermark > 0]
+        reached = [(s.watermark, w) for _, s, w in self.streams if s.watermark > 0]
         if not reached:
             raise ValueError("no updates to aggregate")
         acc = self.acc.get() if self._gpu else self.acc
@@ -136,6 +177,16 @@ class FedAvgAccumulator:
             out[lo:hi] += acc[lo:hi] / np.float32(total)
             lo = hi
         return out
+
+
+def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[str, Any],
+                      spec: CompressionSpec, kernels: ModuleType) -> UpdateStream:
+    """acc += weight * decoded update, the whole body at once (tests and simple callers);
+    on a ProtocolError the sum holds whole frames only, up to the stream's watermark."""
+    stream = UpdateStream(WeightedSum(acc, weight, kernels), meta, spec, len(body))
+    stream.feed(body)
+    stream.finish()
+    return stream
 
 
 def fedavg(params: np.ndarray, updates: Sequence[np.ndarray], weights: Sequence[float]

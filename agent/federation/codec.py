@@ -25,7 +25,6 @@ residual that is added to the next update: error feedback, so nothing is lost, o
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import math
 from dataclasses import dataclass
@@ -165,46 +164,53 @@ def _fields(meta: dict[str, Any], n: int, spec: CompressionSpec) -> int:
     return k
 
 
-class FrameHolder(Protocol):
-    """Takes whole, checked int8 frames (frame f starts at parameter a) to sum them later."""
+class FrameSink(Protocol):
+    """Where a decoded, checked update goes, frame by frame: the strategy's side of the seam
+    (FedAvg sums it with its weight as it arrives; a robust rule keeps it to compare).
 
-    def hold(self, f: int, a: int, q: np.ndarray, scales: np.ndarray, weight: float) -> None: ...
+    Each call hands over one whole, checked frame: `dense_int8`/`dense_f32` cover parameters
+    [a, a + len) (frame number `f`); `sparse_int8`/`sparse_f32` name ascending indices.
+    `ended` is called once the stream takes no more bytes (complete, refused or abandoned).
+    """
 
-    def stream_ended(self) -> None: ...
+    n: int
 
+    def dense_int8(self, f: int, a: int, q: np.ndarray, scales: np.ndarray, block: int
+                   ) -> None: ...
 
-def _array_module(a: Any) -> ModuleType:
-    """numpy, or cupy for a sum kept on a GPU."""
-    return importlib.import_module(type(a).__module__.split(".")[0])
+    def dense_f32(self, a: int, values: np.ndarray) -> None: ...
+
+    def sparse_int8(self, idx: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int
+                    ) -> None: ...
+
+    def sparse_f32(self, idx: np.ndarray, values: np.ndarray) -> None: ...
+
+    def ended(self) -> None: ...
 
 
 class UpdateStream:
-    """One site's update, decoded frame by frame into the running sum `acc` as bytes arrive.
+    """One site's update, decoded and checked frame by frame as its bytes arrive, each whole
+    frame handed to a `FrameSink` (the strategy's). Nothing here knows how updates combine.
 
     `feed` takes the body's bytes in order, in pieces of any size (the transport's chunks);
     `finish` checks that the body ended exactly after its last frame. With `body_len` (the
-    manifest's), frame lengths that do not add up to it are refused before the frame is added,
-    so a body that is whole but malformed adds nothing. Any ProtocolError leaves the sum
-    holding whole frames only, up to `watermark`; the stream refuses further bytes.
+    manifest's), frame lengths that do not add up to it are refused before the frame is handed
+    on, so a body that is whole but malformed delivers nothing. After any ProtocolError the sink
+    holds whole frames only, up to `watermark`; the stream refuses further bytes.
     """
 
-    def __init__(self, acc: Any, weight: float, meta: dict[str, Any], spec: CompressionSpec,
-                 kernels: ModuleType, body_len: int | None = None,
-                 frames: FrameHolder | None = None) -> None:
-        self.acc = acc
-        self.n = acc.size
+    def __init__(self, sink: FrameSink, meta: dict[str, Any], spec: CompressionSpec,
+                 body_len: int | None = None) -> None:
+        self.sink = sink
+        self.n = sink.n
         self.k = _fields(meta, self.n, spec)
-        self.weight = float(weight)
         self.quantize, self.block = spec.quantize, spec.block
         self.per = frame_entries(spec.block)
         self.frames = -(-self.k // self.per)
-        self.frame = 0  # frames added so far
+        self.frame = 0  # frames handed on so far
         self.watermark = 0  # every parameter below it is settled
         self.failed: ProtocolError | None = None
-        self._kernels = kernels
-        self._xp = _array_module(acc)
         self.body_len = body_len
-        self._frames = frames  # where whole int8 frames go to be summed with other sites'
         self.accepted = False  # finish() found the body whole and well formed
         self._pending = bytearray()
         self._consumed = 0  # body bytes before _pending
@@ -273,8 +279,7 @@ class UpdateStream:
             self._ended()
 
     def _ended(self) -> None:
-        if self._frames is not None:
-            self._frames.stream_ended()
+        self.sink.ended()
 
     def _add_frame(self, frame: bytes | bytearray, e: int) -> None:
         expected = packed_size(e, self.topk, self.quantize, self.block)
@@ -293,7 +298,6 @@ class UpdateStream:
                 raise ProtocolError("bad_update", "index beyond the model")
             pos = 4 * e
         a = self.frame * self.per
-        w = self.weight
         if self.quantize == "int8":
             nb = -(-e // self.block)
             scales = np.frombuffer(buf[pos:pos + 4 * nb], dtype="<f4").astype(np.float32,
@@ -306,8 +310,7 @@ class UpdateStream:
             values = np.frombuffer(buf[pos:], dtype="<f4").astype(np.float32, copy=False)
             if not np.all(np.isfinite(values)):
                 raise ProtocolError("non_finite_update")
-        # Checked: from here the frame counts, whether it is summed now or held to be summed
-        # with other sites' copies of the same frame (FedAvgAccumulator).
+        # Checked: from here the frame counts, whatever the sink does with it.
         f = self.frame
         self.frame += 1
         if idx is not None:
@@ -315,24 +318,10 @@ class UpdateStream:
         self.watermark = self.n if self.complete else (
             self._last_index + 1 if idx is not None else a + e)
         if self.quantize == "int8" and idx is None:
-            if self._frames is not None:
-                self._frames.hold(f, a, q, scales, w)
-            else:
-                self._kernels.dequantize_accumulate(self.acc[a:a + e], q, scales, self.block, w)
+            self.sink.dense_int8(f, a, q, scales, self.block)
         elif self.quantize == "int8":
-            self._kernels.scatter_dequantize_accumulate(
-                self.acc, self._xp.asarray(idx), q, scales, self.block, w)
+            self.sink.sparse_int8(idx, q, scales, self.block)
         elif idx is None:
-            self._kernels.weighted_accumulate(self.acc[a:a + e], values, w)
+            self.sink.dense_f32(a, values)
         else:
-            self.acc[self._xp.asarray(idx)] += self._xp.asarray(np.float32(w) * values)
-
-
-def accumulate_update(acc: np.ndarray, weight: float, body: bytes, meta: dict[str, Any],
-                      spec: CompressionSpec, kernels: ModuleType) -> UpdateStream:
-    """acc += weight * decoded update, the whole body at once (tests and simple callers);
-    on a ProtocolError the sum holds whole frames only, up to the stream's watermark."""
-    stream = UpdateStream(acc, weight, meta, spec, kernels, len(body))
-    stream.feed(body)
-    stream.finish()
-    return stream
+            self.sink.sparse_f32(idx, values)

@@ -30,10 +30,10 @@ import kernels as kernel_registry
 from agent.config import CoordinatorConfig, Plan, plan_to_toml_dict
 from agent.errors import BrokerError, DataError, FedsiloError, ProtocolError
 from agent.federation import topics
-from agent.federation.aggregate import FedAvgAccumulator
 from agent.federation.codec import UpdateStream, max_body_len
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
 from agent.federation.peer import BodyReady, Peer, StatusSeen, Trust
+from agent.federation.strategy import make_strategy, weight_caps
 from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.json"
 PARAMS = "global.f32"  # before checkpoints named their files (still read)
 IMAGE_NORM = "image_norm.f32"
-_STATE_FILE = re.compile(r"[a-z_]+(-[0-9a-f]{16})?\.f32")
+_STATE_FILE = re.compile(r"[a-z_]+(-[0-9a-f]{16})?\.f(32|64)")
 METRICS = "metrics.json"
 MAX_SAMPLES = 10**9
 STATE_RETRY_S = 5.0  # while the state directory refuses a checkpoint
@@ -132,6 +132,9 @@ class Coordinator:
         if plan.model.kind == "cnn_fused" and plan.imaging is not None:
             image_shape = (plan.imaging.depth, plan.imaging.size, plan.imaging.size)
         self.layout: Layout = build_layout(plan.model, len(self.columns), image_shape)
+        self.strategy = make_strategy(plan.strategy, self.layout.size, len(plan.sites),
+                                      plan.compression, self.kernels, plan.source or "plan")
+        self.site_rows: dict[str, int] = {}  # training rows each site declared in round 0
         self.plan_doc = plan_to_toml_dict(plan)
         self.digest = plan_digest(plan)
         self.stop_event = threading.Event()
@@ -186,12 +189,23 @@ class Coordinator:
         self.scale = np.asarray(doc["scale"])
         self.history = doc["history"]
         self.image_norm = self._read_state_vector(doc, "image_norm")
+        self.site_rows = {str(k): int(v) for k, v in doc.get("site_rows", {}).items()}
+        state = doc.get("strategy_state", {})
+        if not isinstance(state, dict):
+            raise FedsiloError(f"{path}: strategy_state is not an object")
+        try:
+            self.strategy.load_state({key: self._read_state_vector(state[key], "vector",
+                                                                   dtype="<f8")
+                                      for key in state})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FedsiloError(f"{path}: strategy state unusable ({exc})") from None
         log.info("resuming federation %s from checkpoint: phase %s, round %d", self.fed,
                  self.phase, self.current_round)
 
-    def _read_state_vector(self, doc: dict[str, Any], name: str) -> np.ndarray:
-        """A float32 vector the checkpoint names, checked against the digest it records."""
-        legacy = {"params": PARAMS, "image_norm": IMAGE_NORM}[name]
+    def _read_state_vector(self, doc: dict[str, Any], name: str, dtype: str = "<f4"
+                           ) -> np.ndarray:
+        """A vector the checkpoint names, checked against the digest it records."""
+        legacy = {"params": PARAMS, "image_norm": IMAGE_NORM}.get(name)
         file = doc.get(f"{name}_file", legacy)
         if not isinstance(file, str) or not _STATE_FILE.fullmatch(file):
             raise FedsiloError(f"{self.state_dir / CHECKPOINT}: {name}_file {file!r} is not a "
@@ -204,15 +218,16 @@ class Coordinator:
                                "move the state directory away to start over") from None
         if hashlib.sha256(raw).hexdigest() != doc.get(f"{name}_sha256"):
             raise FedsiloError(f"{path}: digest does not match checkpoint")
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        return np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
 
-    def _write_state_vector(self, name: str, vector: np.ndarray) -> tuple[str, str]:
+    def _write_state_vector(self, name: str, vector: np.ndarray, dtype: str = "<f4"
+                            ) -> tuple[str, str]:
         """Write a vector under a name of its own digest; returns (file, sha256). The file the
         current checkpoint names is never overwritten, so a crash at any write leaves the
         previous checkpoint and its files loadable."""
-        raw = vector.astype("<f4").tobytes()
+        raw = vector.astype(dtype).tobytes()
         digest = hashlib.sha256(raw).hexdigest()
-        file = f"{name}-{digest[:16]}.f32"
+        file = f"{name}-{digest[:16]}.f{8 * np.dtype(dtype).itemsize}"
         path = self.state_dir / file
         if not path.exists():
             write_bytes_atomic(path, raw)
@@ -254,15 +269,21 @@ class Coordinator:
         params_file, params_sha = self._write_state_vector("params", self.params)
         crash_point("coordinator.params_written")
         norm_file, norm_sha = self._write_state_vector("image_norm", self.image_norm)
+        strategy_state = {}
+        for key, vector in self.strategy.state().items():
+            file, sha = self._write_state_vector(f"strategy_{key}", vector, dtype="<f8")
+            strategy_state[key] = {"vector_file": file, "vector_sha256": sha}
         write_json_atomic(self.state_dir / CHECKPOINT, {
             "federation": self.fed, "plan_digest": self.digest, "run": self.run_id,
             "phase": self.phase, "round": self.current_round,
             "params_file": params_file, "params_sha256": params_sha,
             "image_norm_file": norm_file, "image_norm_sha256": norm_sha,
+            "strategy_state": strategy_state, "site_rows": self.site_rows,
             "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history})
         crash_point("coordinator.checkpoint_written")
-        keep = {params_file, norm_file}
+        keep = {params_file, norm_file, *(v["vector_file"] for v in strategy_state.values())}
         for old in [*self.state_dir.glob("params-*.f32"), *self.state_dir.glob("image_norm-*.f32"),
+                    *self.state_dir.glob("strategy_*-*.f64"),
                     self.state_dir / PARAMS, self.state_dir / IMAGE_NORM]:
             if old.name not in keep:
                 old.unlink(missing_ok=True)  # files of checkpoints now replaced
@@ -291,9 +312,16 @@ class Coordinator:
                                      "bytes_sent": self.peer.bytes_sent,
                                      "last_round_ok_ts": self.last_round_ok_ts,
                                      "throttled": False,
+                                     "strategy": self.plan.strategy.name,
+                                     "discounted": self._last_discounted(),
                                      **host_vitals(self.state_dir), **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
                                retain=True)
+
+    def _last_discounted(self) -> str:
+        """The last closed round's discounted sites, flat for monitoring: "south=krum_outlier"."""
+        last = next((r for r in reversed(self.history) if "round" in r), {})
+        return ",".join(f"{s}={why}" for s, why in last.get("discounted", {}).items())
 
     def _broadcast(self, rnd: int, kind: BodyKind, body: bytes, meta: dict[str, Any]) -> int:
         if rnd > 0:  # drop the previous round's retained manifest: late joiners see this one
@@ -445,6 +473,7 @@ class Coordinator:
         if v:
             self.image_norm = np.concatenate(image_standardizer(
                 Moments.from_vector(pooled[3 * d:])))
+        self.site_rows = {site: r["n"] for site, r in outcome.reports.items()}
         self.phase = "train"
         self._save_checkpoint()
         log.info("federated statistics from %d sites", len(outcome.reports))
@@ -452,8 +481,10 @@ class Coordinator:
     def _train_round(self, rnd: int) -> None:
         self.state = State.COLLECTING
         self._publish_status()
-        acc = FedAvgAccumulator(self.layout.size, self.kernels)
+        agg = self.strategy.new_round()
         opened: dict[str, UpdateStream] = {}
+        weights: dict[str, float] = {}
+        caps = weight_caps(self.site_rows, self.plan.strategy.max_weight_fraction)
 
         def open_stream(topic: Topic, m: Manifest) -> UpdateStream | None:
             """Each site's update goes into the sum frame by frame as its chunks arrive; what
@@ -473,8 +504,11 @@ class Coordinator:
             codec = m.meta.get("update")
             if not isinstance(codec, dict):
                 raise ProtocolError("bad_field", "update")
-            stream = acc.open_update(codec, float(report["n_samples"]), self.plan.compression,
-                                     label=site, body_len=m.body_len)
+            # The weight a site claims is capped: at what it declared in round 0 (a site that
+            # missed it: the largest declared) and at the plan's max_weight_fraction.
+            cap = caps.get(site, max(caps.values(), default=float(report["n_samples"])))
+            weights[site] = min(float(report["n_samples"]), cap)
+            stream = agg.open_update(site, codec, weights[site], m.body_len)
             opened[site] = stream
             return stream
 
@@ -494,27 +528,31 @@ class Coordinator:
             self.peer.open_stream = None
         crash_point("coordinator.updates_collected")
         self.state = State.AGGREGATING
-        self.params = acc.apply(self.params)
+        self.params = agg.finalize(self.params)
         wall = time.monotonic() - t_open
         slowest = max(r["train_seconds"] for r in outcome.reports.values())
         record = {
             "round": rnd,
             "sites": sorted(outcome.reports),
-            "samples": int(acc.total_weight),
+            "samples": sum(r["n_samples"] for r in outcome.reports.values()),
             "train_loss": sum(r["train_loss"] * r["n_samples"] for r in outcome.reports.values())
-            / acc.total_weight,
+            / sum(r["n_samples"] for r in outcome.reports.values()),
             # metrics of the model the sites received this round (the previous global model)
             "eval_before": weighted_metrics(outcome.reports),
-            "per_site": {s: {"n_samples": r["n_samples"], "train_loss": r["train_loss"],
-                             "eval": r.get("eval"), "bytes_up": r["bytes_received"],
-                             "bytes_down": sent} for s, r in outcome.reports.items()},
+            "per_site": {s: {"n_samples": r["n_samples"], "weight": weights[s],
+                             "train_loss": r["train_loss"], "eval": r.get("eval"),
+                             "bytes_up": r["bytes_received"], "bytes_down": sent}
+                         for s, r in outcome.reports.items()},
             "seconds": wall,
             "slowest_train_s": slowest,
             "overhead_s": wall - slowest,
             "bytes_sent": sent,
             "bytes_received": sum(r["bytes_received"] for r in outcome.reports.values()),
             # sites whose update stopped part way: share of the parameters it reached
-            "partial": acc.partial(),
+            "partial": agg.partial(),
+            "strategy": self.plan.strategy.name,
+            # sites the strategy counted less or not at all this round, and why
+            "discounted": dict(sorted(agg.discounted.items())),
         }
         self.history.append(record)
         self.last_round_ok_ts = round(time.time(), 3)

@@ -1,0 +1,143 @@
+"""Strategies behind the seam: pure math against plain references, and the plan's choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels
+from agent.config import CompressionSpec, ConfigError, StrategySpec, plan_from_dict
+from agent.federation.aggregate import fedavg
+from agent.federation.codec import encode_update
+from agent.federation.strategy import (
+    REGISTRY,
+    make_strategy,
+    server_optimizer_step,
+    weight_caps,
+)
+
+K = kernels.get_backend("cpu")
+SPECS = [CompressionSpec(), CompressionSpec(quantize="int8"),
+         CompressionSpec(quantize="int8", topk_fraction=0.1)]
+
+
+def _updates(n: int, k: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(np.float32) * (1 + i) for i in range(k)]
+
+
+def _run_round(strategy, params, updates, weights, spec, sites=None, seeds=None):
+    agg = strategy.new_round()
+    for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
+        seed = i if seeds is None else seeds[i]
+        enc = encode_update(u, spec, seed=seed, kernels=K, residual=np.zeros_like(u))
+        stream = agg.open_update((sites or [f"s{j}" for j in range(len(updates))])[i],
+                                 enc.meta, w, len(enc.body))
+        for a in range(0, len(enc.body), 4096):  # as chunks arrive
+            stream.feed(enc.body[a:a + 4096])
+        stream.finish()
+    return agg, agg.finalize(params)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["f32", "int8", "int8-top10"])
+def test_fedavg_through_the_seam_is_the_reference_weighted_mean(spec):
+    n = 70_001
+    params = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    updates, weights = _updates(n, 4, seed=2), [10.0, 30.0, 5.0, 55.0]
+    strategy = make_strategy(StrategySpec(), n, 4, spec, K)
+    agg, out = _run_round(strategy, params, updates, weights, spec)
+    if spec.quantize == "none" and spec.topk_fraction == 1:
+        np.testing.assert_allclose(out, fedavg(params, updates, weights), rtol=1e-5, atol=1e-6)
+    else:  # the reference over what the codec delivers
+        decoded = []
+        for i, u in enumerate(updates):
+            one = make_strategy(StrategySpec(), n, 1, spec, K)
+            _a, o = _run_round(one, np.zeros(n, np.float32), [u], [1.0], spec, seeds=[i])
+            decoded.append(o)
+            assert np.corrcoef(o, u)[0, 1] > 0.3, i  # it is that update, compressed
+        np.testing.assert_allclose(out, fedavg(params, decoded, weights), rtol=1e-4, atol=1e-5)
+    assert agg.total_weight == sum(weights) and agg.discounted == {}
+
+
+def test_server_optimizer_step_matches_the_papers_update_written_out():
+    rng = np.random.default_rng(3)
+    n = 1000
+    params = rng.standard_normal(n).astype(np.float32)
+    deltas = [rng.standard_normal(n) * 0.1 for _ in range(5)]
+    for rule in ("fedadam", "fedyogi"):
+        lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+        m, v = np.zeros(n), np.full(n, tau ** 2)
+        mm, vv, p = m.copy(), v.copy(), params.astype(np.float64)
+        out = params
+        for d in deltas:
+            out = server_optimizer_step(out, d.astype(np.float32), m, v, rule=rule, lr=lr,
+                                        beta1=b1, beta2=b2, tau=tau)
+            d = d.astype(np.float32).astype(np.float64)
+            mm = b1 * mm + (1 - b1) * d
+            if rule == "fedadam":
+                vv = b2 * vv + (1 - b2) * d * d
+            else:
+                vv = vv - (1 - b2) * d * d * np.sign(vv - d * d)
+            p = (p + lr * mm / (np.sqrt(vv) + tau)).astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(out, p, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(m, mm, rtol=1e-12)
+        np.testing.assert_allclose(v, vv, rtol=1e-12)
+
+
+def test_fedadam_state_round_trips_and_continues_the_same_optimizer():
+    n, spec = 5000, CompressionSpec()
+    params = np.zeros(n, np.float32)
+    rounds = [_updates(n, 3, seed=s) for s in range(4)]
+    a = make_strategy(StrategySpec(name="fedadam"), n, 3, spec, K)
+    p = params
+    for u in rounds:
+        _agg, p = _run_round(a, p, u, [1.0, 2.0, 3.0], spec)
+    b = make_strategy(StrategySpec(name="fedadam"), n, 3, spec, K)
+    q = params
+    for i, u in enumerate(rounds):
+        if i == 2:  # a "restart": a new strategy loads the saved state
+            saved = {k: v.copy() for k, v in b.state().items()}
+            b = make_strategy(StrategySpec(name="fedadam"), n, 3, spec, K)
+            b.load_state(saved)
+        _agg, q = _run_round(b, q, u, [1.0, 2.0, 3.0], spec)
+    np.testing.assert_array_equal(p, q)
+    with pytest.raises(ValueError, match="malformed"):
+        b.load_state({"m": np.zeros(3), "v": np.zeros(n)})
+
+
+def test_weight_caps_keep_every_site_within_the_fraction():
+    counts = {"a": 100.0, "b": 100.0, "c": 100.0, "liar": 1e9}
+    caps = weight_caps(counts, 0.4)
+    total = sum(caps.values())
+    assert all(c <= 0.4 * total * (1 + 1e-9) for c in caps.values())
+    assert caps["a"] == caps["b"] == caps["c"] == 100.0  # honest sites keep their weight
+    assert caps["liar"] == pytest.approx(200.0)  # 0.4 of 500
+    assert weight_caps(counts, 1.0) == counts  # no cap: a site's own declared count
+    two_liars = weight_caps({"a": 10.0, "b": 10.0, "x": 1e6, "y": 1e7}, 0.3)
+    t = sum(two_liars.values())
+    assert all(c <= 0.3 * t * (1 + 1e-9) for c in two_liars.values())
+
+
+def test_plan_strategy_names_and_options_are_checked():
+    base = {"federation": {"id": "f", "sites": ["a", "b", "c", "d"], "rounds": 2},
+            "target": {"column": "y"}, "features": [{"name": "x", "type": "numeric"}]}
+    plan = plan_from_dict({**base, "strategy": {"name": "fedyogi", "server_lr": 0.02,
+                                                "max_weight_fraction": 0.5}}, "p.toml")
+    assert plan.strategy == StrategySpec(name="fedyogi", server_lr=0.02, max_weight_fraction=0.5)
+    assert plan_from_dict({**base, "strategy": {"name": "fedavg"}}, "p").to_dict()["strategy"] \
+        == "fedavg"  # the digest of a plain FedAvg plan is what it was before options
+    with pytest.raises(ConfigError) as bad:
+        plan_from_dict({**base, "strategy": {"name": "fedsgd"}}, "p.toml")
+    assert str(bad.value) == ("p.toml: strategy.name: must be one of fedavg, fedadam, fedyogi, "
+                              "median, trimmed_mean, multi_krum, norm_bound; got 'fedsgd'")
+    with pytest.raises(ConfigError, match="trim_fraction: unknown key"):  # not a median option
+        plan_from_dict({**base, "strategy": {"name": "median", "trim_fraction": 0.2}}, "p")
+    assert set(REGISTRY) >= {"fedavg", "fedadam", "fedyogi", "median", "trimmed_mean",
+                             "multi_krum", "norm_bound"}
+
+
+def test_a_holding_rule_too_big_for_memory_or_krum_with_too_few_sites_is_a_config_error():
+    with pytest.raises(ConfigError, match="holds every update"):
+        make_strategy(StrategySpec(name="median"), 200_000_000, 10, CompressionSpec(), K)
+    with pytest.raises(ConfigError, match="more than 2 x byzantine"):
+        make_strategy(StrategySpec(name="multi_krum", byzantine=1), 100, 4, CompressionSpec(), K)
