@@ -22,6 +22,7 @@ KERNEL_NAMES = (
     "softmax_cross_entropy",
     "sgd_momentum_step",
     "adam_step",
+    "add_proximal",
     "weighted_accumulate",
     "quantize_int8",
     "dequantize_int8",

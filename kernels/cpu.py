@@ -283,6 +283,28 @@ def _adam_parallel(p, g, m, v, lr, b1, b2, eps, c1, c2, wd):  # pragma: no cover
         _adam1(p, g, m, v, i, lr, b1, b2, eps, c1, c2, wd)
 
 
+@_jit
+def _prox_serial(g, p, a, mu):  # pragma: no cover - compiled
+    for i in range(g.size):
+        g[i] += mu * (p[i] - a[i])
+
+
+@_pjit
+def _prox_parallel(g, p, a, mu):  # pragma: no cover - compiled
+    for i in prange(g.size):
+        g[i] += mu * (p[i] - a[i])
+
+
+def add_proximal(grad: np.ndarray, params: np.ndarray, anchor: np.ndarray, mu: float) -> None:
+    """In place: grad += mu * (params - anchor) (FedProx), one pass over memory."""
+    _f32("grad", grad, 1, writable=True)
+    _f32("params", params, 1)
+    _f32("anchor", anchor, 1)
+    _same_shape("grad, params and anchor", grad, params, anchor)
+    kernel = _prox_parallel if _parallel(grad.size) else _prox_serial
+    kernel(grad, params, anchor, _F32(mu))
+
+
 def sgd_momentum_step(params: np.ndarray, grad: np.ndarray, velocity: np.ndarray, lr: float,
                       momentum: float, weight_decay: float) -> None:
     """In place: v = momentum*v + grad + wd*params; params -= lr*v, one pass over memory."""

@@ -207,6 +207,17 @@ def softmax_cross_entropy(z: np.ndarray, labels: np.ndarray) -> tuple[float, np.
 # ---------------------------------------------------------------------------- optimizers
 
 
+def add_proximal(grad: np.ndarray, params: np.ndarray, anchor: np.ndarray, mu: float) -> None:
+    """In place: grad += mu * (params - anchor) (FedProx)."""
+    _f32_inplace("grad", grad)
+    _f32("params", params, 1)
+    _f32("anchor", anchor, 1)
+    _same_shape("grad, params and anchor", grad, params, anchor)
+    gd = to_device(grad)
+    gd += _F32(mu) * (to_device(params) - to_device(anchor))
+    store(grad, gd)
+
+
 def sgd_momentum_step(params: np.ndarray, grad: np.ndarray, velocity: np.ndarray, lr: float,
                       momentum: float, weight_decay: float) -> None:
     """In place: v = momentum*v + grad + wd*params; params -= lr*v, one pass over memory."""

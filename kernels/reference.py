@@ -126,6 +126,16 @@ def sgd_momentum_step(params: np.ndarray, grad: np.ndarray, velocity: np.ndarray
     params -= t(lr) * velocity
 
 
+def add_proximal(grad: np.ndarray, params: np.ndarray, anchor: np.ndarray, mu: float) -> None:
+    """In place: grad += mu * (params - anchor), FedProx's proximal term (Li et al., MLSys
+    2020): it pulls local training towards the global model `anchor` the round started from."""
+    _check("grad", grad, 1)
+    _check("params", params, 1, grad.dtype)
+    _check("anchor", anchor, 1, grad.dtype)
+    _same_shape("grad, params and anchor", grad, params, anchor)
+    grad += grad.dtype.type(mu) * (params - anchor)
+
+
 def adam_step(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
               beta1: float, beta2: float, eps: float, t: int, weight_decay: float) -> None:
     """In place Adam with bias correction (t counts steps from 1) and L2 weight decay.

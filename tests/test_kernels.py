@@ -277,3 +277,17 @@ def test_in_place_kernels_reject_wrong_dtype(backend):
         k.sgd_momentum_step(p, g, np.zeros(8, F32), 0.1, 0.9, 0.0)
     with pytest.raises(ValueError):
         k.weighted_accumulate(np.ones(8, F32), np.ones(9, F32), 1.0)
+
+
+def test_add_proximal(backend):
+    _, k = backend
+    rng = np.random.default_rng(12)
+    g, p, a = rand(rng, 1031), rand(rng, 1031), rand(rng, 1031)
+    want = g.copy()
+    ref.add_proximal(want, p, a, 0.3)
+    np.testing.assert_allclose(want, g + np.float32(0.3) * (p - a), rtol=1e-6)
+    got = g.copy()
+    k.add_proximal(got, p, a, 0.3)
+    same(got, want, atol=1e-6)
+    with pytest.raises(ValueError):
+        k.add_proximal(got, p[:5], a, 0.3)

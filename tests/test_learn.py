@@ -371,3 +371,28 @@ def test_warm_kernels_runs_every_cpu_kernel():
     for dispatcher in (cpu._dense_forward_serial, cpu._dense_forward_parallel,
                        cpu._adam_parallel, cpu._axpy_parallel, cpu._softmax_ce):
         assert dispatcher.signatures, dispatcher
+
+
+def test_fedprox_term_keeps_local_training_near_the_global_model():
+    """mu = 0 is plain local training, bit for bit; mu > 0 ends closer to where it started,
+    and a larger mu moves less still."""
+    import kernels as kreg
+    from agent.config import ModelSpec, TrainingSpec
+    from agent.learn.layout import build_layout, init_params
+    from agent.learn.trainer import train_local
+
+    k = kreg.get_backend("cpu")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.float32)
+    layout = build_layout(ModelSpec("mlp", hidden=(8,)), 6)
+    start = init_params(layout, 1)
+    tr = TrainingSpec(local_epochs=3, batch_size=16, learning_rate=0.1, optimizer="sgd",
+                      momentum=0.0)
+    moved = {}
+    for mu in (0.0, 0.5, 5.0):  # lr x mu < 2: the pull itself stays stable
+        out = train_local(layout, start, x, y, tr, seed=3, kernels=k, proximal_mu=mu)
+        moved[mu] = float(np.linalg.norm(out.params - start))
+    plain = train_local(layout, start, x, y, tr, seed=3, kernels=k)
+    assert float(np.linalg.norm(plain.params - start)) == moved[0.0]
+    assert moved[5.0] < moved[0.5] < moved[0.0]

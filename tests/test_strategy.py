@@ -128,11 +128,12 @@ def test_plan_strategy_names_and_options_are_checked():
         == "fedavg"  # the digest of a plain FedAvg plan is what it was before options
     with pytest.raises(ConfigError) as bad:
         plan_from_dict({**base, "strategy": {"name": "fedsgd"}}, "p.toml")
-    assert str(bad.value) == ("p.toml: strategy.name: must be one of fedavg, fedadam, fedyogi, "
-                              "median, trimmed_mean, multi_krum, norm_bound; got 'fedsgd'")
+    assert str(bad.value) == ("p.toml: strategy.name: must be one of fedavg, fedprox, fedadam, "
+                              "fedyogi, median, trimmed_mean, multi_krum, norm_bound; got "
+                              "'fedsgd'")
     with pytest.raises(ConfigError, match="trim_fraction: unknown key"):  # not a median option
         plan_from_dict({**base, "strategy": {"name": "median", "trim_fraction": 0.2}}, "p")
-    assert set(REGISTRY) >= {"fedavg", "fedadam", "fedyogi", "median", "trimmed_mean",
+    assert set(REGISTRY) >= {"fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean",
                              "multi_krum", "norm_bound"}
 
 

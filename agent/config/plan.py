@@ -22,6 +22,7 @@ OPTIMIZERS = ("sgd", "adam")
 # the implementations are registered in agent/federation/strategy.py under the same names.
 STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
+    "fedprox": ("mu",),
     "fedadam": ("server_lr", "beta1", "beta2", "tau"),
     "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
     "median": (),
@@ -41,14 +42,17 @@ class StrategySpec:
     """How the coordinator combines updates (README's plan table says what each does).
 
     `max_weight_fraction` caps the share of the total weight any one site may have, whatever
-    sample count it claims. Server optimizers (fedadam, fedyogi: Reddi et al., ICLR 2021) step
-    with `server_lr`, `beta1`, `beta2`, `tau` on the mean update. Robust rules: `trim_fraction`
-    of the values dropped at each end per coordinate (trimmed_mean); `byzantine` sites assumed
-    bad and `krum_select` updates averaged (multi_krum, 0 = all but `byzantine`); updates whose
-    norm exceeds `norm_bound` x the round's median norm are clipped to it or rejected."""
+    sample count it claims. fedprox: FedAvg with the proximal term `mu` in each site's local
+    steps (Li et al., MLSys 2020). Server optimizers (fedadam, fedyogi: Reddi et al., ICLR
+    2021) step with `server_lr`, `beta1`, `beta2`, `tau` on the mean update. Robust rules:
+    `trim_fraction` of the values dropped at each end per coordinate (trimmed_mean); `byzantine`
+    sites assumed bad and `krum_select` updates averaged (multi_krum, 0 = all but `byzantine`);
+    updates whose norm exceeds `norm_bound` x the round's median norm are clipped to it or
+    rejected (norm_bound)."""
 
     name: str = "fedavg"
     max_weight_fraction: float = 1.0
+    mu: float = 0.01
     server_lr: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -313,6 +317,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             name=name,
             max_weight_fraction=st.number("max_weight_fraction", d.max_weight_fraction,
                                           lo=1e-3, hi=1.0),
+            mu=st.number("mu", d.mu, lo=0.0, hi=100.0),
             server_lr=st.number("server_lr", d.server_lr, lo=1e-6, hi=10.0),
             beta1=st.number("beta1", d.beta1, lo=0.0, hi=0.9999),
             beta2=st.number("beta2", d.beta2, lo=0.0, hi=0.99999),

@@ -429,7 +429,9 @@ class Site:
         result = train_local(layout, params, x[data.train], data.y[data.train],
                              training, seed=plan.seed * 100_003 + m.round,
                              kernels=self.kernels, first_step_callback=self._first_step,
-                             step_callback=self._training_step, **self._images(data.train))
+                             step_callback=self._training_step, **self._images(data.train),
+                             proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
+                             else 0.0)
         delta = (result.params - params).astype(np.float32)
         spec = plan.compression
         residual = self._load_residual(layout.size) if kept_count(layout.size, spec) \

@@ -7,8 +7,8 @@ into the coordinator's checkpoint); each round it opens an `Aggregation`, which 
 round's updates (`open_update`) and turns them into new parameters (`finalize`).
 
 Two kinds of rule, by what they must hold in memory (docs/strategies.md):
-- streaming, O(model): fedavg, fedadam, fedyogi. Each update is summed with its weight as its
-  chunks arrive; nothing per site is kept.
+- streaming, O(model): fedavg, fedprox, fedadam, fedyogi. Each update is summed with its
+  weight as its chunks arrive; nothing per site is kept.
 - holding, O(sites x model): median, trimmed_mean, multi_krum, norm_bound. A rule that
   compares updates needs all of them; each is decoded into a float32 vector of its own. The
   plan is refused at start when sites x model x 4 bytes exceeds `HOLD_LIMIT_BYTES`.
@@ -329,7 +329,8 @@ class Holding(FedAvg):
 # ---------------------------------------------------------------------- registry
 
 REGISTRY: dict[str, type[FedAvg]] = {
-    "fedavg": FedAvg, "fedadam": ServerOptimizer, "fedyogi": ServerOptimizer,
+    "fedavg": FedAvg, "fedprox": FedAvg,  # FedProx differs at the sites: their local steps
+    "fedadam": ServerOptimizer, "fedyogi": ServerOptimizer,
     "median": Holding, "trimmed_mean": Holding, "multi_krum": Holding, "norm_bound": Holding,
 }
 HOLDING = frozenset({"median", "trimmed_mean", "multi_krum", "norm_bound"})

@@ -85,7 +85,7 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
                 training: TrainingSpec, *, seed: int, kernels: ModuleType,
                 first_step_callback: Callable[[], None] | None = None,
                 step_callback: Callable[[], None] | None = None,
-                images: np.ndarray | None = None) -> TrainResult:
+                images: np.ndarray | None = None, proximal_mu: float = 0.0) -> TrainResult:
     """Train from `params` on (x, y) for `training.local_epochs` epochs of shuffled batches.
 
     `images` (float32 [n, depth, h, w], row i belonging to x[i]) is required by a cnn_fused
@@ -94,6 +94,8 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
     `first_step_callback` runs once right after the first optimizer step, so the daemon can
     measure "process start to first training step" (JIT and data loading included);
     `step_callback` after every step (the daemon's watchdog beat and stop check: it may raise).
+    `proximal_mu` > 0 adds FedProx's proximal term mu/2 ||w - params||^2 to the local loss, so
+    the local model stays near the global one it started from (heterogeneous sites).
     """
     _check_inputs(layout, params, x, y, training, images)
     start = time.perf_counter()
@@ -110,6 +112,8 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
             idx = order[lo:lo + bs]
             batch_images = None if images is None else images[idx]
             loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels, batch_images)
+            if proximal_mu > 0:
+                kernels.add_proximal(grad, p, params, proximal_mu)
             step(p, grad)
             steps += 1
             if steps == 1 and first_step_callback is not None:
