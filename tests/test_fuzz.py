@@ -329,6 +329,7 @@ def test_fedsilo_status_skips_hostile_retained_status_and_shows_the_rest(mosquit
         assert "north" in run.stdout and "east" in run.stdout
         assert run.stderr.count("ignored status on") == 5, run.stderr
         assert run.stderr.count("bad_status_json") == 4
-        assert "Bad_Id/status (86 bytes): bad_topic" in run.stderr
+        bad = f"{root}/Bad_Id/status"
+    assert f"{bad} ({len(retained[bad])} bytes): bad_topic" in run.stderr
     doc = json.loads(run.stdout)
     assert sorted(doc["federations"][FED]["sites"]) == ["east", "north"]
