@@ -10,6 +10,9 @@ inputs full of ties), and refuse the same bad inputs with the same words.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -258,3 +261,22 @@ def test_backends_refuse_what_the_reference_refuses(backend):
             ref_call()
         with pytest.raises(exc, match=match):
             call()
+
+
+@pytest.mark.skipif(kernels.available_backends()["cpu"] is not None, reason="no numba")
+def test_warm_kernels_compiles_the_robust_loops():
+    """`fedsilo warm-cache` leaves every serial and parallel robust loop compiled, so the
+    coordinator's first robust round does not wait for the JIT."""
+    code = (
+        "from agent.learn.warm import warm_kernels\n"
+        "from numba.core.registry import CPUDispatcher\n"
+        "from kernels import cpu_robust\n"
+        "warm_kernels()\n"
+        "for name, f in sorted(vars(cpu_robust).items()):\n"
+        "    if isinstance(f, CPUDispatcher) and name.endswith(('_serial', '_parallel')):\n"
+        "        print(name, len(f.signatures))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=180)
+    counts = dict(line.split() for line in out.stdout.splitlines())
+    assert len(counts) == 8, counts
+    assert all(c == "1" for c in counts.values()), counts
