@@ -9,8 +9,9 @@ np.sort on a strided column. Blocks run in parallel (prange).
 
 Distances and norms accumulate in float64 per block of columns into a partial [block, k, k]
 (or [block, k]) array, summed afterwards in block order: the result depends on n only, not on
-the number of threads, and equals the serial loop bit for bit. Inputs must be finite (see
-ref_robust); nothing here checks again.
+the number of threads, and equals the serial loop bit for bit. Within a block those float64
+sums may be reassociated (SIMD lanes; see `_sum_jit`), so they match the oracle to ~1e-15,
+not bit for bit. Inputs must be finite (see ref_robust); nothing here checks again.
 """
 
 from __future__ import annotations
