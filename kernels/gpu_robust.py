@@ -21,15 +21,17 @@ from kernels.ref_robust import check_trim, check_updates, clip_in_place
 
 @functools.cache
 def _sq_dist_kernel() -> Any:
-    return cp.ReductionKernel("float32 a, float32 b", "float64 d",
-                              "((double)a - (double)b) * ((double)a - (double)b)",
-                              "a + b", "d = a", "0", "fedsilo_sq_dist")
+    # Inputs x, y: `a` and `b` are the reduction's own operand names.
+    return cp.ReductionKernel("float32 x, float32 y", "float64 d",
+                              "((double)x - (double)y) * ((double)x - (double)y)",
+                              "a + b", "d = a", "0", "fedsilo_sq_dist",
+                              reduce_type="float64")
 
 
 @functools.cache
 def _norm_kernel() -> Any:
-    return cp.ReductionKernel("float32 a", "float64 s", "(double)a * (double)a", "a + b",
-                              "s = sqrt(a)", "0", "fedsilo_l2_norm")
+    return cp.ReductionKernel("float32 x", "float64 s", "(double)x * (double)x", "a + b",
+                              "s = sqrt(a)", "0", "fedsilo_l2_norm", reduce_type="float64")
 
 
 def coordinate_median(updates: Any) -> Any:
