@@ -280,3 +280,12 @@ def test_warm_kernels_compiles_the_robust_loops():
     counts = dict(line.split() for line in out.stdout.splitlines())
     assert len(counts) == 8, counts
     assert all(c == "1" for c in counts.values()), counts
+
+
+def test_zero_parameters_give_empty_results(backend):
+    _, kb = backend
+    u = np.zeros((3, 0), F32)
+    assert kb.coordinate_median(u).shape == kb.trimmed_mean(u, 1).shape == (0,)
+    np.testing.assert_array_equal(kb.pairwise_sq_distances(u), np.zeros((3, 3)))
+    np.testing.assert_array_equal(kb.l2_norms(u), np.zeros(3))
+    assert kb.clip_to_norm(np.zeros(0, F32), 1.0) == 0.0
