@@ -38,6 +38,11 @@ KERNEL_NAMES = (
     "maxpool2_backward",
     "global_avgpool_forward",
     "global_avgpool_backward",
+    "coordinate_median",
+    "trimmed_mean",
+    "pairwise_sq_distances",
+    "l2_norms",
+    "clip_to_norm",
 )
 BACKEND_NAMES = ("reference", "cpu", "gpu")
 

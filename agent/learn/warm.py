@@ -38,6 +38,7 @@ def _exercise(k: ModuleType, n: int) -> None:
     k.weighted_accumulate(p, g, 0.5)
     _exercise_codec(k, g)
     _exercise_imaging(k, n)
+    _exercise_robust(k, g)
 
 
 def _exercise_codec(k: ModuleType, x: np.ndarray) -> None:
@@ -47,6 +48,15 @@ def _exercise_codec(k: ModuleType, x: np.ndarray) -> None:
     idx = k.topk_indices(x, max(1, x.size // 100))
     qk, sk = k.quantize_int8(np.ascontiguousarray(x[idx]), 256, 0)
     k.scatter_dequantize_accumulate(np.zeros_like(x), idx, qk, sk, 256, 1.0)
+
+
+def _exercise_robust(k: ModuleType, x: np.ndarray) -> None:
+    """The robust aggregation kernels on three sites' updates of x's size."""
+    u = np.stack([x, -x, 0.5 * x])
+    k.coordinate_median(u)
+    k.trimmed_mean(u, 1)
+    k.pairwise_sq_distances(u)
+    k.clip_to_norm(x.copy(), 1.0)
 
 
 def _exercise_imaging(k: ModuleType, n: int) -> None:
