@@ -142,3 +142,65 @@ def test_a_holding_rule_too_big_for_memory_or_krum_with_too_few_sites_is_a_confi
         make_strategy(StrategySpec(name="median"), 200_000_000, 10, CompressionSpec(), K)
     with pytest.raises(ConfigError, match="more than 2 x byzantine"):
         make_strategy(StrategySpec(name="multi_krum", byzantine=1), 100, 4, CompressionSpec(), K)
+
+
+def _holding_round(name, updates, weights, **options):
+    n = updates[0].size
+    spec = CompressionSpec()
+    strategy = make_strategy(StrategySpec(name=name, **options), n, len(updates), spec, K)
+    return _run_round(strategy, np.zeros(n, np.float32), updates, weights, spec,
+                      sites=[f"s{i}" for i in range(len(updates))])
+
+
+def test_median_and_trimmed_mean_through_the_seam_equal_numpy():
+    updates = _updates(10_007, 5, seed=7)
+    stack = np.stack(updates)
+    _agg, out = _holding_round("median", updates, [1.0] * 5)
+    np.testing.assert_array_equal(out, np.median(stack, axis=0).astype(np.float32))
+    _agg, out = _holding_round("trimmed_mean", updates, [1.0] * 5, trim_fraction=0.2)
+    want = np.sort(stack, axis=0)[1:4].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(out, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_multi_krum_leaves_out_the_update_far_from_the_rest_and_says_so():
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal(5000).astype(np.float32)
+    honest = [base + 0.05 * rng.standard_normal(5000).astype(np.float32) for _ in range(5)]
+    attacker = -10.0 * base
+    weights = [1.0, 2.0, 1.0, 2.0, 1.0, 50.0]
+    agg, out = _holding_round("multi_krum", [*honest, attacker], weights, byzantine=1)
+    assert agg.discounted == {"s5": "krum_outlier"}
+    np.testing.assert_allclose(out, fedavg(np.zeros(5000, np.float32), honest, weights[:5]),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_norm_bound_clips_or_rejects_an_update_far_longer_than_the_median(action):
+    updates = _updates(4000, 4, seed=9)  # norms grow 1x..4x
+    scaled = 30.0 * updates[0]
+    agg, out = _holding_round("norm_bound", [*updates, scaled], [1.0] * 5, norm_bound=3.0,
+                              norm_action=action)
+    assert list(agg.discounted) == ["s4"] and agg.discounted["s4"].startswith(
+        "clipped_" if action == "clip" else "rejected_")
+    norms = np.array([np.linalg.norm(u) for u in [*updates, scaled]])
+    bound = 3.0 * np.median(norms)
+    kept = [*updates, scaled * (bound / norms[4])] if action == "clip" else updates
+    np.testing.assert_allclose(out, np.mean(kept, axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_holding_rule_counts_only_whole_updates():
+    updates = _updates(3000, 3, seed=10)
+    n, spec = 3000, CompressionSpec()
+    strategy = make_strategy(StrategySpec(name="median"), n, 3, spec, K)
+    agg = strategy.new_round()
+    for i, u in enumerate(updates):
+        enc = encode_update(u, spec, seed=i, kernels=K, residual=np.zeros_like(u))
+        stream = agg.open_update(f"s{i}", enc.meta, 1.0, len(enc.body))
+        if i < 2:
+            stream.feed(enc.body)
+            stream.finish()
+        else:
+            stream.feed(enc.body[:100])  # stopped part way
+    out = agg.finalize(np.zeros(n, np.float32))
+    assert agg.discounted == {"s2": "incomplete_update"}
+    np.testing.assert_array_equal(out, np.median(np.stack(updates[:2]), axis=0))
