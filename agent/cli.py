@@ -81,9 +81,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run_imaging_demo(sites=args.sites, rounds=args.rounds, seed=args.seed,
                          out=Path(args.out))
         return 0
+    from agent.config import StrategySpec
     from agent.demo.run import run_demo
 
-    run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out))
+    run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out),
+             strategy=StrategySpec(name=args.strategy), attack=args.attack)
     return 0
 
 
@@ -345,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--imaging", action="store_true",
                       help="also give every patient a head CT (DICOM), ingest it at each site "
                            "and compare tables alone with tables + CT")
+    from agent.config import STRATEGIES
+    from agent.demo.attack import ATTACKS
+
+    demo.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                      help="how the coordinator combines updates (default fedavg; "
+                           "docs/strategies.md)")
+    demo.add_argument("--attack", choices=ATTACKS,
+                      help="make the last hospital misbehave, to see what --strategy does")
     demo.set_defaults(func=_cmd_demo)
 
     ingest = sub.add_parser("ingest", help="ingest a folder of DICOM files (or a DICOMDIR) "

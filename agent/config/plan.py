@@ -61,7 +61,7 @@ class StrategySpec:
     byzantine: int = 1
     krum_select: int = 0
     norm_bound: float = 3.0
-    norm_action: str = "clip"
+    norm_action: str = "reject"
 
     def options(self) -> dict[str, Any]:
         """The settings this strategy uses (plan digest, wire, metrics): only those."""

@@ -32,10 +32,12 @@ from agent.config import (
     IdentityFiles,
     ModelSpec,
     Plan,
+    StrategySpec,
     TrainingSpec,
     plan_to_toml_dict,
 )
 from agent.demo import cohort
+from agent.demo.attack import ENV as ATTACK_ENV
 from agent.demo.baselines import score_alone_and_pooled
 from agent.federation.broker import LocalMosquitto
 from agent.federation.coordinator import Coordinator
@@ -105,10 +107,13 @@ def _write_site(out: Path, name: str, broker_port: int, fed: str, signed: bool =
 def _print_round(record: dict[str, Any], rounds: int) -> None:
     ev = record.get("eval_before", {})
     auc = ev.get("auc")
+    discounted = record.get("discounted") or {}
     print(f"  round {record['round']:>3}/{rounds}  sites {len(record['sites'])}  "
           f"train loss {record['train_loss']:.4f}  held-out AUC (model in) "
           f"{auc if auc is None else f'{auc:.3f}'}  {record['seconds']:.2f} s "
-          f"(overhead {record['overhead_s'] * 1000:.0f} ms)", flush=True)
+          f"(overhead {record['overhead_s'] * 1000:.0f} ms)"
+          + (f"  discounted: {', '.join(f'{k} ({v})' for k, v in discounted.items())}"
+             if discounted else ""), flush=True)
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,14 @@ def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
 
 
 def start_sites(files: DemoFiles, port: int, names: list[str] | None = None, *,
-                config_name: str | None = None, signed: bool = True
+                config_name: str | None = None, signed: bool = True,
+                attacker: tuple[str, str] | None = None
                 ) -> list[tuple[str, subprocess.Popen[bytes]]]:
     """Each hospital as its own `fedsilo site run` process, logging to its own file.
 
     With `config_name`, each site's existing config of that name is used as written;
-    `signed=False` leaves out the identity (benchmarks measure what signing costs)."""
+    `signed=False` leaves out the identity (benchmarks measure what signing costs);
+    `attacker` = (site, attack) makes that site misbehave (agent/demo/attack.py)."""
     procs = []
     for name in names or [p.name for p in files.profiles]:
         if config_name is None:
@@ -163,7 +170,9 @@ def start_sites(files: DemoFiles, port: int, names: list[str] | None = None, *,
             procs.append((name, subprocess.Popen(
                 [sys.executable, "-m", "agent", "site", "run", "--config", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})))
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     **({ATTACK_ENV: attacker[1]} if attacker and attacker[0] == name
+                        else {})})))
     return procs
 
 
@@ -194,17 +203,26 @@ def coordinator_for(files: DemoFiles, port: int, *, state_name: str = "coordinat
     return Coordinator(config, files.plan, **kwargs)
 
 
-def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]:
+def run_demo(*, sites: int, rounds: int, seed: int, out: Path,
+             strategy: StrategySpec | None = None, attack: str | None = None
+             ) -> dict[str, Any]:
+    """The whole demo federation; `attack` makes the last hospital misbehave, to show what
+    the plan's `strategy` does about it."""
     t0 = time.monotonic()
-    print(f"fedsilo demo: {sites} hospitals, {rounds} rounds, seed {seed}, output {out}")
+    strategy = strategy or StrategySpec()
+    print(f"fedsilo demo: {sites} hospitals, {rounds} rounds, seed {seed}, output {out}, "
+          f"strategy {strategy.name}")
     logging.getLogger("agent").setLevel(logging.WARNING)  # the round lines are the progress
     files = prepare_demo(out, sites=sites, rounds=rounds, seed=seed, model=DEMO_MODEL,
-                         compression=DEMO_COMPRESSION)
+                         compression=DEMO_COMPRESSION, strategy=strategy)
+    attacker = (files.profiles[-1].name, attack) if attack else None
+    if attacker:
+        print(f"  {attacker[0]} will send {attack} updates (a misbehaving hospital)")
     with LocalMosquitto(files.out / "broker") as broker:
         print(f"  embedded Mosquitto on 127.0.0.1:{broker.port} (plaintext, loopback only); "
               f"starting {sites} site processes and the coordinator, each signing its "
               f"messages with its identity from {files.out / 'pki'}")
-        procs = start_sites(files, broker.port)
+        procs = start_sites(files, broker.port, attacker=attacker)
         coordinator = coordinator_for(files, broker.port,
                                       on_round=lambda r: _print_round(r, rounds))
         try:
@@ -215,6 +233,10 @@ def run_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[str, Any]
     logging.getLogger("agent.ingest").setLevel(logging.ERROR)  # the sites already said it
     summary = _score(files, coordinator, final)
     summary["seconds"] = time.monotonic() - t0
+    summary["strategy"] = strategy.name
+    summary["attack"] = {"site": attacker[0], "kind": attacker[1]} if attacker else None
+    summary["discounted"] = {h["round"]: h.get("discounted", {}) for h in coordinator.history
+                             if "round" in h and h.get("discounted")}
     (files.out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = write_report(files.out / "coordinator" / "metrics.json", files.out / "report.html")
     _print_summary(summary, files.out)
@@ -274,6 +296,12 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     for name, auc in s["site_alone_auc"].items():
         print(f"  {name:<28} {auc:.3f}  (site alone)")
     print(f"  mean of site-alone models    {s['site_alone_mean_auc']:.3f}")
+    if s.get("attack"):
+        flagged = sorted({site for d in s["discounted"].values() for site in d})
+        print(f"\nstrategy {s['strategy']} with {s['attack']['site']} sending "
+              f"{s['attack']['kind']} updates: federated AUC {s['federated_auc']:.3f}; "
+              f"discounted in {len(s['discounted'])} of {s['rounds']} rounds: "
+              f"{', '.join(flagged) or 'none'}")
     c = s["compression"]
     print(f"\nupdates: {c['quantize']}, top-k fraction {c['topk_fraction']:g}, zstd "
           f"{c['zstd_level']}: {c['ratio']:.1f}x fewer bytes than float32 ({c['raw_bytes']})")

@@ -168,6 +168,13 @@ class Site:
         self._task_arrived: float | None = None
         self._first_step_pending = False
         self.ingest: IngestService | None = None
+        self.attack: str | None = None
+        if os.environ.get("FEDSILO_DEMO_ATTACK"):  # the demo's misbehaving hospital only
+            from agent.demo.attack import armed
+
+            self.attack = armed()
+            log.warning("DEMO ATTACK ARMED: this site sends %s updates (FEDSILO_DEMO_ATTACK); "
+                        "never in a real federation", self.attack)
         self._std_images: np.ndarray | None = None
         self._image_norm_digest: str | None = None
         self.transport = Transport(
@@ -397,6 +404,10 @@ class Site:
             if data.images is not None:  # per-voxel moments for the federation's average head
                 pixels = data.images[data.train].reshape(data.train.size, -1)
                 vector = np.concatenate([vector, local_moments(pixels).to_vector()])
+            if self.attack is not None:
+                from agent.demo.attack import attack_moments
+
+                vector = attack_moments(self.attack, vector)
             self._reply(m, BodyKind.STATS, vector.astype("<f8").tobytes(),
                         {"n_rows": int(data.train.size)})
             return
@@ -433,12 +444,17 @@ class Site:
                              proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
                              else 0.0)
         delta = (result.params - params).astype(np.float32)
+        n_samples = int(result.n_samples)
+        if self.attack is not None:
+            from agent.demo.attack import attack_update
+
+            delta, n_samples = attack_update(self.attack, delta, n_samples)
         spec = plan.compression
         residual = self._load_residual(layout.size) if kept_count(layout.size, spec) \
             < layout.size else None
         encoded = encode_update(delta, spec, seed=rounding_seed(self.fed, self.site_id, m.round),
                                 kernels=self.kernels, residual=residual)
-        report = {"n_samples": int(result.n_samples), "train_loss": float(result.mean_loss),
+        report = {"n_samples": n_samples, "train_loss": float(result.mean_loss),
                   "train_seconds": float(result.seconds), "eval": evaluation}
         self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta},
                     residual=encoded.residual)

@@ -290,7 +290,8 @@ class Holding(FedAvg):
     def _trimmed_mean(self, u: np.ndarray, w: np.ndarray, sites: list[str]
                       ) -> tuple[np.ndarray, dict[str, str]]:
         k = u.shape[0]
-        trim = min(int(self.spec.trim_fraction * k), (k - 1) // 2)
+        # rounded up: with 5 sites and 10 % the rule still drops one value at each end
+        trim = min(math.ceil(self.spec.trim_fraction * k - 1e-9), (k - 1) // 2)
         return self.kernels.trimmed_mean(u, trim), {}
 
     def _multi_krum(self, u: np.ndarray, w: np.ndarray, sites: list[str]
