@@ -24,6 +24,8 @@ def metrics() -> dict:
             "round": r, "sites": sites, "samples": 100 * len(sites),
             "train_loss": 0.7 - 0.05 * r, "bytes_received": 1000 * len(sites),
             "bytes_sent": 5000, "partial": {"east": 0.5} if r == 4 else {},
+            "strategy": "multi_krum",
+            "discounted": {"south": "krum_outlier"} if r == 5 else {},
             "eval_before": {"auc": 0.6 + 0.04 * r, "loss": 0.7 - 0.04 * r, "n": 90},
             "per_site": {s: {"eval": {"auc": 0.55 + 0.05 * r + 0.01 * i,
                                       "loss": 0.6 - 0.03 * r, "n": 30}}
@@ -67,6 +69,10 @@ def test_report_shows_the_rounds_and_fetches_nothing():
     assert row3.count("class='out'") == 1 and row3.count("class='in'") == 2
     assert "east 50%" in re.search(r"<tr><td>4</td>(.*?)</tr>", page).group(1)
     assert "0.812" in page and "stroke-eu" in page
+    # what the strategy discounted: south in round 5, marked and named
+    row5 = re.search(r"<tr><td>5</td>(.*?)</tr>", page).group(1)
+    assert row5.count("class='disc'") == 1 and "south: krum_outlier" in row5
+    assert "title='krum_outlier'" in row5 and "Strategy multi_krum" in page
 
 
 def test_cli_writes_the_report_and_refuses_what_is_not_metrics(tmp_path):

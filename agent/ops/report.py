@@ -108,12 +108,14 @@ def render(metrics: dict[str, Any]) -> str:
     esc = html.escape
     rows = []
     for r in rounds:
+        discounted = r.get("discounted") or {}
         cells = "".join(
-            f"<td class='{'in' if s in r.get('sites', []) else 'out'}'>"
+            f"<td class='{_cell(s, r, discounted)}' title='{esc(discounted.get(s, ''))}'>"
             f"{'●' if s in r.get('sites', []) else '○'}</td>" for s in sites)
         partial = ", ".join(f"{esc(k)} {v:.0%}" for k, v in (r.get("partial") or {}).items())
+        why = ", ".join(f"{esc(k)}: {esc(v)}" for k, v in discounted.items())
         rows.append(f"<tr><td>{r['round']}</td>{cells}<td>{r.get('samples', '')}</td>"
-                    f"<td>{esc(partial)}</td></tr>")
+                    f"<td>{esc(partial)}</td><td>{why}</td></tr>")
     final_rows = ""
     if final is not None:
         ev = final.get("eval", {})
@@ -131,7 +133,7 @@ def render(metrics: dict[str, Any]) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 1000px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: center; }}
-td.in {{ color: #2ca02c; }} td.out {{ color: #d62728; }}
+td.in {{ color: #2ca02c; }} td.out {{ color: #d62728; }} td.disc {{ color: #ff7f0e; }}
 svg {{ display: block; margin: 1em 0; }}
 </style></head><body>
 <h1>Federation {fed}</h1>
@@ -146,13 +148,21 @@ patients, scored with the model the site received that round.</p>
 {line_chart("Held-out loss", loss, "log loss")}
 {line_chart("Training loss", train, "loss")}
 <h2>Participation per round</h2>
+<p>Strategy {esc(str(next((r.get("strategy") for r in rounds if r.get("strategy")), "fedavg")))}.
+● took part, ○ did not, orange: its update was discounted by the strategy (why: last column).</p>
 <table><tr><th>round</th>{"".join(f"<th>{esc(s)}</th>" for s in sites)}<th>samples</th>
-<th>partial updates</th></tr>
+<th>partial updates</th><th>discounted by the strategy</th></tr>
 {"".join(rows)}</table>
 <h2>Bytes on the wire per round</h2>
 {line_chart("Bytes per round", traffic, "bytes")}
 </body></html>
 """
+
+
+def _cell(site: str, record: dict[str, Any], discounted: dict[str, str]) -> str:
+    if site in discounted:
+        return "disc"
+    return "in" if site in record.get("sites", []) else "out"
 
 
 def _count(v: Any) -> str:
