@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: demo test lint bench bench-ingest system-deps warm clean deb
+.PHONY: demo test lint bench bench-ingest chaos system-deps warm clean deb
 
 $(VENV)/.stamp-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(VENV)/.stamp-test
 
 test: $(VENV)/.stamp-test system-deps lint warm
 	$(PY) -m pytest -q
+
+# The slow chaos tier: the coordinator killed 40 times at random moments, and the crash tests.
+chaos: $(VENV)/.stamp-test system-deps warm
+	FEDSILO_CHAOS_KILLS=40 $(PY) -m pytest -q tests/test_chaos.py tests/test_crash_recovery.py
 
 bench: $(VENV)/.stamp-test system-deps warm
 	$(PY) benchmarks/bench_federation.py

@@ -551,6 +551,7 @@ class Coordinator:
             # sites whose update stopped part way: share of the parameters it reached
             "partial": agg.partial(),
             "strategy": self.plan.strategy.name,
+            "model_sha256": hashlib.sha256(self.params.astype("<f4").tobytes()).hexdigest(),
             # sites the strategy counted less or not at all this round, and why
             "discounted": dict(sorted(agg.discounted.items())),
         }
