@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -289,3 +290,24 @@ def test_coordinator_killed_mid_round_gets_the_kept_updates_again_not_retrained(
         text = (tmp_path / f"{name}.log").read_text()
         assert "round 1 was answered before: sending the same update again" in text, name
         assert text.count("round 1: training") == 1  # not trained again after the restart
+
+
+def test_site_killed_during_training_trains_the_round_again_and_counts_once(tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    plan = plan_for(features, NAMES, rounds=3, deadline=600.0)
+    procs = launch(tmp_path, mosquitto.port, NAMES[1:], tables[1:])
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    log = tmp_path / "north.log"
+    north = start_site(cfg, log, env={CRASH_AT: "site.training_step:15"})  # round 2, mid-way
+    records: list[dict] = []
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=records.append).start()
+    assert north.wait(120) == -signal.SIGKILL
+    north = start_site(cfg, log, append=True)
+    final = coord.join(timeout=120)
+    assert [r["sites"] for r in records] == [sorted(NAMES)] * 3  # north once in every round
+    assert final["sites"] == sorted(NAMES)
+    text = log.read_text()
+    killed_in = int(re.findall(r"round (\d+): training", text.split("killing this process")[0])[-1])
+    assert f"round {killed_in}: training" in text.split("killing this process")[1]  # again
+    assert stop_all([north, *procs]) == [0, 0, 0]

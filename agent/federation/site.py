@@ -591,6 +591,7 @@ class Site:
         """After every optimizer step: alive for the watchdog; a stop request ends training;
         the training policy may make the next batch wait."""
         self.notifier.beat()
+        crash_point("site.training_step")
         if self.stop_event.is_set():
             raise _Stopping
         self._yield_to_clinical_work()
