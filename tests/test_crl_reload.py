@@ -140,3 +140,59 @@ def test_pki_crl_refuses_a_bad_validity_with_exit_2(pki):
     run = _fedsilo("pki", "crl", "--dir", str(pki), "--days", "0")
     assert run.returncode == 2
     assert len(run.stderr.strip().splitlines()) == 1 and "--days" in run.stderr
+
+
+@pytest.mark.integration
+def test_a_site_revoked_mid_federation_has_its_later_updates_refused(tmp_path, mosquitto):
+    """Real site processes and a real coordinator: after round 1 the CA revokes south
+    (`fedsilo pki revoke`); the running coordinator picks the new CRL up and refuses south's
+    later updates as `signer_revoked`; the rounds go on with north."""
+    from tests.fedharness import (
+        CoordinatorThread,
+        breast_cancer_sites,
+        start_site,
+        stop_all,
+        write_site_config,
+    )
+    from tests.test_federation import FED, plan_for
+
+    d = tmp_path / "pki"
+    p = PKI.init(d, FED)
+    for name in ("north", "south"):
+        p.issue("site", name)
+    p.issue("coordinator", "coordinator")
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south"]
+    procs = []
+    for name, table in zip(names, tables[:2], strict=True):
+        ident = {"ca": str(d / "ca.crt"), "cert": str(d / f"{name}.crt"),
+                 "key": str(d / f"{name}.key")}
+        cfg = write_site_config(tmp_path / "sites", name, FED, mosquitto.port, table,
+                                identity=ident)
+        procs.append(start_site(cfg, tmp_path / f"{name}.log"))
+    rounds: list[dict] = []
+    coord: CoordinatorThread
+
+    def on_round(record: dict) -> None:
+        rounds.append(record)
+        if len(rounds) == 1:
+            run = _fedsilo("pki", "revoke", "south", "--dir", str(d))
+            assert run.returncode == 0, run.stderr
+            # What the next verification would do within CRL_CHECK_S, now (no race with
+            # south's next upload).
+            coord.coordinator.peer.trust.verifier.refresh(force=True)
+
+    coord = CoordinatorThread(
+        plan_for(features, names, rounds=3, min_sites=1, deadline=6.0), mosquitto.port,
+        tmp_path / "coord", on_round=on_round,
+        identity=IdentityFiles(d / "ca.crt", d / "coordinator.crt", d / "coordinator.key",
+                               d / "crl.pem"))
+    try:
+        coord.start().join(timeout=180)
+    finally:
+        codes = stop_all(procs)
+    assert codes == [0, 0]
+    assert rounds[0]["sites"] == names
+    assert [r["sites"] for r in rounds[1:]] == [["north"], ["north"]]
+    assert coord.coordinator.peer.rejected["signer_revoked"] >= 1
+    assert coord.coordinator.peer.trust.problem is None
