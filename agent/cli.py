@@ -136,6 +136,11 @@ def _cmd_pki(args: argparse.Namespace) -> int:
         print(f"{args.id}: {n} certificate(s) on {d}/crl.pem; give the broker the new CRL "
               f"(fedsilo broker-config again) and restart it")
         return 0
+    if args.pki_command == "crl":
+        until = pki.reissue_crl(args.days)
+        print(f"{d}/crl.pem re-signed, valid until {until:%Y-%m-%d %H:%M} UTC; copy it to the "
+              f"broker and the agents (they reload it within seconds)")
+        return 0
     for identity, entry in sorted(pki.index["issued"].items()):  # list
         revoked = entry["current"] in pki.index.get("revoked", {})
         left = days_left(d / f"{identity}.crt")
@@ -421,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     revoke.add_argument("--dir", required=True, help="PKI directory")
     revoke.set_defaults(func=_cmd_pki)
+    crl = pki_sub.add_parser("crl", help="re-sign the CRL with a new nextUpdate (nothing "
+                                         "revoked)")
+    crl.add_argument("--dir", required=True, help="PKI directory")
+    crl.add_argument("--days", type=int, default=365, help="validity of the new CRL")
+    crl.set_defaults(func=_cmd_pki)
     plist = pki_sub.add_parser("list", help="issued identities and when they expire")
     plist.add_argument("--dir", required=True, help="PKI directory")
     plist.set_defaults(func=_cmd_pki)

@@ -262,3 +262,18 @@ series_quiet_s = 5
     with pytest.raises(ConfigError) as info:
         load_site_config(write(tmp_path, SITE + '\n[dicom]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n'))
     assert info.value.key == "dicom.ae_title"
+
+
+def test_site_dicom_bounds(tmp_path):
+    cfg = load_site_config(write(tmp_path, SITE + """
+[dicom]
+queue_files = 50
+incoming_max_bytes = 2147483648
+quarantine_max_bytes = 0
+"""))
+    assert (cfg.dicom.queue_files, cfg.dicom.incoming_max_bytes,
+            cfg.dicom.quarantine_max_bytes) == (50, 2 << 30, 0)
+    assert load_site_config(write(tmp_path, SITE)).dicom.queue_files == 1000
+    with pytest.raises(ConfigError) as info:
+        load_site_config(write(tmp_path, SITE + "\n[dicom]\nqueue_files = 0\n"))
+    assert info.value.key == "dicom.queue_files"

@@ -67,6 +67,9 @@ class DicomSources:
     allowed_callers: tuple[str, ...] = ()
     watch_dir: Path | None = None
     series_quiet_s: float = 30.0
+    queue_files: int = 1000  # received files waiting for the ingest thread, at most
+    incoming_max_bytes: int = 10 << 30  # received, not yet ingested (state_dir/incoming)
+    quarantine_max_bytes: int = 5 << 30  # files kept for a person to look at
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,8 @@ def _dicom(r: _Reader | None, base: Path) -> DicomSources:
     if r is None:
         return DicomSources()
     r.reject_unknown({"listen", "ae_title", "port", "bind", "allowed_callers", "watch_dir",
-                      "series_quiet_s"})
+                      "series_quiet_s", "queue_files", "incoming_max_bytes",
+                      "quarantine_max_bytes"})
     callers = r.get("allowed_callers", list, [])
     watch = r.get("watch_dir", str, None)
     return DicomSources(
@@ -232,6 +236,11 @@ def _dicom(r: _Reader | None, base: Path) -> DicomSources:
         allowed_callers=tuple(_ae_title(r, c, "allowed_callers") for c in callers),
         watch_dir=_path(base, watch) if watch else None,
         series_quiet_s=r.number("series_quiet_s", 30.0, lo=0.0, hi=86400.0),
+        queue_files=r.number("queue_files", 1000, lo=1, hi=1_000_000, integer=True),
+        incoming_max_bytes=r.number("incoming_max_bytes", 10 << 30, lo=1 << 20, hi=1 << 50,
+                                    integer=True),
+        quarantine_max_bytes=r.number("quarantine_max_bytes", 5 << 30, lo=0, hi=1 << 50,
+                                      integer=True),
     )
 
 

@@ -58,6 +58,11 @@ class Trust:
                                                            f"this process is {identity!r}")
         return cls(signer, Verifier(files.ca, files.crl))
 
+    @property
+    def problem(self) -> str | None:
+        """`crl_stale` while every peer signature is refused for an expired CRL, else None."""
+        return self.verifier.problem
+
 
 @dataclass(frozen=True)
 class BodyReady:

@@ -13,6 +13,16 @@ from thirty sites waits at the broker, not in our memory. Measured on Debian 12'
 2.0.11: the limit holds until the first acknowledgement, after which the broker sends on
 regardless (a receiver taking 200 messages slowly held up to 188), so with thirty sites
 uploading float32 updates at once the coordinator's queue still reached ~60 MB (docs/perf.md).
+So the inbox is bounded here too, for both protocols: while it holds `inbox_max_bytes` or
+`inbox_max_messages`, the network thread stops reading the socket (it still writes, so acks
+and publishes go out, and keeps paho's timers) until the main loop has taken enough. Nothing
+is dropped: unread messages wait in TCP buffers and at the broker, which is where MQTT's flow
+control means them to wait. While the main loop waits for acknowledgements of its own
+publishes (`wait_published`) reading goes on regardless: a PUBACK can only be read after the
+messages before it, and the main loop cannot take those while it waits (the bound is then
+exceeded by what arrives during the wait, instead of a deadlock). A main loop that takes
+nothing for longer than the keepalive ends the connection (paho's PINGRESP goes unread); the
+session then redelivers what was unacked.
 
 We run paho's `loop()` in our own thread rather than `loop_start()` because paho's built-in
 reconnect doubles a fixed delay without jitter; fifty hospitals reconnecting in lock-step after
@@ -46,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 RECEIVE_MAXIMUM = 16  # unacknowledged QoS 1 messages the broker may have in flight to us
+INBOX_MAX_BYTES = 64 << 20  # payload bytes held for the main loop before reading pauses
+INBOX_MAX_MESSAGES = 1024
 DRAIN_S = 2.0  # at most this long, on a clean stop, for the broker to read our DISCONNECT
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).
 _TERMINAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid",
@@ -90,22 +102,25 @@ class Incoming:
     connection: int = 0  # which connection it came on: an ack only means something on that one
 
 
-def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Nothing to do: the network thread's `loop()` selects for writing whenever paho has
-    packets queued (see `_make_client`)."""
-
-
 class Transport:
     """One MQTT identity: connect once, then stay connected until `close`."""
 
     def __init__(self, client_id: str, broker: BrokerConfig, *, will: Will | None = None,
                  subscriptions: Iterable[str] = (), reconnect_base_s: float = 0.5,
-                 reconnect_cap_s: float = 30.0) -> None:
+                 reconnect_cap_s: float = 30.0, inbox_max_bytes: int = INBOX_MAX_BYTES,
+                 inbox_max_messages: int = INBOX_MAX_MESSAGES) -> None:
         self.client_id = client_id
         self.broker = broker
         self.will = will
         self.subscriptions = list(subscriptions)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox_max_bytes = inbox_max_bytes
+        self.inbox_max_messages = inbox_max_messages
+        self.inbox_bytes = 0  # payload bytes in `inbox` (guarded by _inbox_lock)
+        self.read_pauses = 0  # times reading paused for a full inbox (status, tests)
+        self._inbox_lock = threading.Lock()
+        self._wake = threading.Event()  # a write queued or the inbox drained: loop again
+        self._awaiting_acks = 0  # wait_published calls in progress: keep reading for PUBACKs
         self.reconnect_base_s = reconnect_base_s
         self.reconnect_cap_s = reconnect_cap_s
         self.protocol_used: str | None = None
@@ -141,12 +156,17 @@ class Transport:
         # while our network thread reads. Two threads on one TLS socket corrupt it ("connection
         # lost" under load). With a write hook registered, paho only queues the packet and wakes
         # our loop, so one thread alone touches the socket.
-        c.on_socket_register_write = _network_thread_writes
+        c.on_socket_register_write = self._network_thread_writes
         c.on_socket_close = self._drain_before_close
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         return c
+
+    def _network_thread_writes(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """The network thread's `loop()` selects for writing whenever paho has packets
+        queued (see `_make_client`); a loop paused for a full inbox is woken instead."""
+        self._wake.set()
 
     def cert_days_left(self) -> float | None:
         """Days until this identity's certificate expires (None without TLS): for status."""
@@ -311,13 +331,19 @@ class Transport:
             # Queued all the same so that it is acknowledged; no fedsilo topic looks like this,
             # so the receiver refuses it by name.
             topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "replace")
-        self.inbox.put(Incoming(topic, bytes(msg.payload), bool(msg.retain), msg.mid,
-                                msg.qos, self.connects))
+        payload = bytes(msg.payload)
+        with self._inbox_lock:
+            self.inbox_bytes += len(payload)
+        self.inbox.put(Incoming(topic, payload, bool(msg.retain), msg.mid, msg.qos,
+                                self.connects))
 
     def receive(self, timeout_s: float) -> Incoming:
         """The next incoming message (queue.Empty after `timeout_s`), acknowledged to the
         broker now that the main loop has taken it: the broker then sends the next one."""
         msg = self.inbox.get(timeout=timeout_s)
+        with self._inbox_lock:
+            self.inbox_bytes -= len(msg.payload)
+        self._wake.set()
         client = self._client
         if msg.qos > 0 and client is not None and msg.connection == self.connects:
             client.ack(msg.mid, msg.qos)  # queued; the network thread writes it
@@ -325,12 +351,43 @@ class Transport:
 
     # ------------------------------------------------------------------ network thread
 
+    def inbox_full(self) -> bool:
+        """True while the main loop has `inbox_max_bytes` / `inbox_max_messages` to take
+        and is not waiting for its own publishes' acknowledgements."""
+        if self._awaiting_acks:
+            return False
+        with self._inbox_lock:
+            held = self.inbox_bytes
+        return held >= self.inbox_max_bytes or self.inbox.qsize() >= self.inbox_max_messages
+
+    def _loop_once(self, paused: bool) -> int:
+        """One turn of the network thread: paho's whole loop, or, with a full inbox,
+        everything but reading (queued writes, keepalive) until woken."""
+        assert self._client is not None
+        if not paused:
+            return self._client.loop(timeout=0.05)
+        self._wake.clear()
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if self._client.want_write():
+            rc = self._client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = self._client.loop_misc()
+        if rc == mqtt.MQTT_ERR_SUCCESS and not self._client.want_write():
+            self._wake.wait(0.05)
+        return rc
+
     def _network_loop(self) -> None:
         assert self._client is not None
         attempt = 0
+        paused = False
         while not self._stop.is_set():
             if self._connected.is_set() or self._client.is_connected():
-                rc = self._client.loop(timeout=0.05)
+                full = self.inbox_full()
+                if full and not paused:
+                    self.read_pauses += 1
+                    log.debug("inbox full (%d bytes): reading paused", self.inbox_bytes)
+                paused = full
+                rc = self._loop_once(paused)
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     attempt = 0
                     continue
@@ -376,15 +433,23 @@ class Transport:
         acknowledgement flag itself.
         """
         deadline = time.monotonic() + timeout_s
-        for info in infos:
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                raise BrokerError(f"publish failed: {mqtt.error_string(info.rc)}")
-            with info._condition:  # paho 2.x: set with _published on PUBACK
-                while not info._published:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerError(f"publish not acknowledged within {timeout_s:.0f} s")
-                    info._condition.wait(min(remaining, 0.5))
+        with self._inbox_lock:  # the PUBACKs may sit behind messages a full inbox left unread
+            self._awaiting_acks += 1
+        self._wake.set()
+        try:
+            for info in infos:
+                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    raise BrokerError(f"publish failed: {mqtt.error_string(info.rc)}")
+                with info._condition:  # paho 2.x: set with _published on PUBACK
+                    while not info._published:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise BrokerError(
+                                f"publish not acknowledged within {timeout_s:.0f} s")
+                        info._condition.wait(min(remaining, 0.5))
+        finally:
+            with self._inbox_lock:
+                self._awaiting_acks -= 1
 
     def close(self, final: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
         """Publish a last retained message (the explicit offline status), then disconnect."""

@@ -263,7 +263,7 @@ class DicomListener:
             self.on_file(path, f"dicom:{calling}")
         except Exception as exc:  # queue refused: undo, let the PACS retry
             log.error("C-STORE %s from %s: ingest queue refused the file (%s)", name, calling,
-                      type(exc).__name__)
+                      getattr(exc, "reason", type(exc).__name__))
             unlink_quietly(path)
             tally.failed += 1
             return STATUS_OUT_OF_RESOURCES

@@ -90,11 +90,14 @@ class IngestPipeline:
     def __init__(self, state_dir: Path, imaging: ImagingSpec | None = None, *,
                  kernel_backend: str = "auto", decode_workers: int = 1,
                  decode_timeout_s: float = 60.0, decoder: DecodePool | None = None,
-                 tree_workers: int | None = None) -> None:
+                 tree_workers: int | None = None,
+                 quarantine_max_bytes: int | None = None) -> None:
+        """`quarantine_max_bytes`: the quarantine's cap (None: none, a one-shot run's own
+        tree)."""
         self.state_dir = Path(state_dir)
         self.secret = load_or_create_secret(self.state_dir)
         self.store = image_store.ImageStore(self.state_dir / "images")
-        self.quarantine = Quarantine(self.state_dir / "quarantine")
+        self.quarantine = Quarantine(self.state_dir / "quarantine", quarantine_max_bytes)
         self._own_decoder = decoder is None  # a pool handed in (tests share one) stays open
         self.decoder = decoder or DecodePool(decode_workers, decode_timeout_s)
         self.tree_workers = min(os.cpu_count() or 1, 8) if tree_workers is None \
@@ -235,6 +238,8 @@ class IngestPipeline:
         files = self.quarantine.files(reasons)
         for path in files:
             self.ingest_file(path, source="requeue", consume=True)
+        if self.quarantine.max_bytes is not None:
+            self.quarantine.rescan()
         return len(files)
 
     def _readers(self, n_files: int) -> contextlib.AbstractContextManager[TreePool | None]:
@@ -363,6 +368,7 @@ class IngestPipeline:
                 "series_pending": counts["series"][image_store.PENDING],
                 "instances": counts["instances"],
                 "quarantine_held": self.quarantine.counts(),
+                "quarantine_full": self.quarantine.refused_full,
             }
 
     def close(self) -> None:

@@ -5,6 +5,10 @@ A bad file never stops ingest. It is copied (or moved, when the caller hands it 
 exports sometimes put in file names out of the tree, and the reason is a code from the list
 below (plus, for some, `:<DICOM keyword>` from pydicom's dictionary), never a value read from
 the file. The quarantined files themselves still hold PHI, so the folder is private (0700).
+
+The folder has a cap in bytes (`dicom.quarantine_max_bytes`): a file that would go beyond it
+is not quarantined (QUARANTINE_FULL, counted, logged) and stays where it was, so a flood of
+bad files cannot fill the disk; the caller's own bound (`incoming/`'s) then refuses more.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -52,6 +57,9 @@ DICOMDIR = "dicomdir"  # a media directory; the files it lists are ingested on t
 BURNED_IN_ANNOTATION = "burned_in_annotation"  # pixels may carry burned-in patient text
 NOT_A_FILE = "not_a_file"  # a directory, socket or dangling link
 
+QUARANTINE_FULL = "quarantine_full"  # status: the quarantine is at its cap, file kept in place
+RESCAN_S = 10.0  # a full quarantine is measured again at most this often (files deleted)
+
 REASON_PATTERN = re.compile(r"^[a-z_]{1,40}(:[A-Za-z0-9_]{1,64})?$")
 
 
@@ -83,10 +91,35 @@ def skip(reason: str) -> Rejected:
 class Quarantine:
     """`root/<reason>/<random>.dcm`; counts per reason are read back from the tree."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        """`max_bytes`: the cap on what the folder holds (None: no cap)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        self.max_bytes = max_bytes
+        self.refused_full = 0
+        self._bytes = self.rescan() if max_bytes is not None else 0
+
+    def rescan(self) -> int:
+        """Measure what the folder holds now (a person may have deleted files)."""
+        total = 0
+        for f in self.files():
+            try:
+                total += f.stat().st_size
+            except OSError:
+                pass
+        self._bytes, self._scanned_at = total, time.monotonic()
+        return total
+
+    def _room_for(self, path: Path) -> int | None:
+        """The file's size if it fits under the cap, else None."""
+        size = os.stat(path).st_size
+        if self.max_bytes is None or self.root in Path(path).parents:
+            return 0 if self.max_bytes is None else size  # a requeued file moves inside
+        if self._bytes + size > self.max_bytes and \
+                time.monotonic() - self._scanned_at >= RESCAN_S:
+            self.rescan()
+        return size if self._bytes + size <= self.max_bytes else None
 
     def put(self, path: Path, reason: str, *, consume: bool = False) -> Path | None:
         """Copy (or, with `consume`, move) `path` under `reason`; None if even that failed.
@@ -99,17 +132,28 @@ class Quarantine:
         target = folder / f"{secrets.token_hex(8)}.dcm"
         tmp = folder / f".{target.name}.tmp"
         try:
+            size = self._room_for(path)
+            if size is None:
+                self.refused_full += 1
+                log.error("%s: quarantine %s holds %d bytes (dicom.quarantine_max_bytes %d); a "
+                          "file for %s is kept where it was", QUARANTINE_FULL, self.root,
+                          self._bytes, self.max_bytes, reason)
+                return None
             folder.mkdir(mode=0o700, exist_ok=True)
+            if self.root in Path(path).parents:
+                size = 0
             if consume:
                 try:
                     os.replace(path, target)  # same file system: a cheap, atomic move
                     os.chmod(target, 0o600)
+                    self._bytes += size
                     return target
                 except OSError:
                     pass
             shutil.copyfile(path, tmp)
             os.chmod(tmp, 0o600)
             os.replace(tmp, target)
+            self._bytes += size
             if consume:
                 Path(path).unlink(missing_ok=True)
             return target

@@ -10,6 +10,12 @@ truncated may still be written: a writer the watch folder could not see kept its
 and paused longer than the settle time. It is not quarantined at once but kept in
 `incoming/` and read again once it has not changed for `TRUNCATED_RETRY_S`; only a file
 still truncated then is quarantined.
+
+The queue is bounded (`dicom.queue_files`) and so are the bytes waiting in `incoming/`
+(`dicom.incoming_max_bytes`): beyond either, the listener answers the C-STORE with 0xA700
+(Out of Resources; the file is not kept, the PACS retries later) and the watch folder waits,
+leaving files where they are. Files left in `incoming/` by an earlier run are read first,
+outside the queue.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import DicomSources, ImagingSpec
+from agent.errors import FedsiloError
 from agent.ingest.deid import load_or_create_secret, pseudonym
 from agent.ingest.pipeline import IngestPipeline
 from agent.ingest.quarantine import HELD, TRUNCATED
@@ -36,6 +43,15 @@ log = logging.getLogger(__name__)
 COMPLETE_EVERY_S = 1.0
 TRUNCATED_RETRY_S = 60.0  # quiet time before a truncated watch-folder file is read again
 _HOLD_SOURCES = frozenset({"watch", "incoming"})  # the listener receives whole data sets
+QUEUE_FULL, INCOMING_FULL = "queue_full", "incoming_full"
+
+
+class IngestFull(FedsiloError):
+    """The ingest side cannot take a file now (`reason`: queue_full / incoming_full)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
 
 
 @dataclass
@@ -56,11 +72,20 @@ class IngestService:
         self.incoming.mkdir(parents=True, exist_ok=True)
         sizing = {} if workers is None else {"decode_workers": workers, "tree_workers": workers}
         self.pipeline = IngestPipeline(self.state_dir, None, kernel_backend=kernel_backend,
+                                       quarantine_max_bytes=dicom.quarantine_max_bytes,
                                        **sizing)
         self.secret = load_or_create_secret(self.state_dir)
-        self.queue: queue.Queue[tuple[Path, str]] = queue.Queue()
+        self.queue: queue.Queue[tuple[Path, str]] = queue.Queue(maxsize=dicom.queue_files)
+        self._incoming: dict[Path, int] = {}  # files in incoming/ known to us -> bytes
+        self._incoming_lock = threading.Lock()
+        self._leftover: list[Path] = []
+        self.refused: dict[str, int] = {QUEUE_FULL: 0, INCOMING_FULL: 0}
+        self._waiting_since: float | None = None  # the watch folder waits for room
+        self._resume = threading.Event()  # cleared: the consumer takes nothing (pause_consumer)
+        self._resume.set()
         self._held: dict[Path, _Held] = {}  # read as truncated, waiting to be read again
         self._stop = threading.Event()
+        self._closing = threading.Event()  # set first on stop: the watch folder stops waiting
         self._thread = threading.Thread(target=self._consume, name="ingest", daemon=True)
         self._listener = None
         self._watch = None
@@ -71,7 +96,8 @@ class IngestService:
         # Files left in incoming/ by a previous run (crash, restart) are ingested first.
         for path in sorted(self.incoming.glob("*")):
             if path.is_file() and not path.name.startswith("."):
-                self.queue.put((path, "incoming"))
+                self._leftover.append(path)
+                self._incoming[path] = _size(path)
         if self.dicom.listen:
             from agent.ingest.listener import DicomListener
 
@@ -87,6 +113,7 @@ class IngestService:
         self._thread.start()
 
     def stop(self) -> None:
+        self._closing.set()
         for component in (self._listener, self._watch):
             if component is not None:
                 component.stop()
@@ -99,16 +126,69 @@ class IngestService:
     def listener_port(self) -> int | None:
         return None if self._listener is None else self._listener.port
 
+    @property
+    def incoming_bytes(self) -> int:
+        with self._incoming_lock:
+            return sum(self._incoming.values())
+
     def enqueue(self, path: Path, source: str) -> None:
-        self.queue.put((path, source))
+        """Hand a file in `incoming/` to the ingest thread. The listener's files are refused
+        at once when the queue or `incoming/` is full (IngestFull: it answers 0xA700 and drops
+        its copy); the watch folder's wait for room, so its files stay in the watch folder."""
+        size = _size(path)
+        if source != "watch":
+            self._admit(path, size, source)
+            return
+        while True:
+            try:
+                self._admit(path, size, source)
+                self._waiting_since = None
+                return
+            except IngestFull:
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
+                    log.warning("ingest is full (queue or incoming/): the watch folder waits")
+                if self._closing.wait(0.2):
+                    raise  # stopping: the file stays in incoming/, read at the next start
+
+    def _admit(self, path: Path, size: int, source: str) -> None:
+        with self._incoming_lock:
+            held = sum(self._incoming.values())
+            if held and held + size > self.dicom.incoming_max_bytes:
+                reason, detail = INCOMING_FULL, (f"{held} bytes wait in {self.incoming} "
+                                                 f"(dicom.incoming_max_bytes "
+                                                 f"{self.dicom.incoming_max_bytes})")
+            else:
+                try:
+                    self.queue.put_nowait((path, source))
+                except queue.Full:
+                    reason, detail = QUEUE_FULL, (f"{self.queue.maxsize} files wait "
+                                                  f"(dicom.queue_files)")
+                else:
+                    self._incoming[path] = size
+                    return
+            if source != "watch":
+                self.refused[reason] += 1
+        raise IngestFull(reason, detail)
+
+    def pause_consumer(self) -> None:
+        """Stop taking files from the queue (maintenance, tests); `resume_consumer` undoes."""
+        self._resume.clear()
+
+    def resume_consumer(self) -> None:
+        self._resume.set()
 
     def _consume(self) -> None:
         last_complete = 0.0
+        while self._leftover and not self._stop.is_set():
+            self._ingest(self._leftover.pop(0), "incoming")
         while not self._stop.is_set():
-            try:
-                path, source = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                path = None
+            path = None
+            if self._resume.wait(0.2):
+                try:
+                    path, source = self.queue.get(timeout=0.2)
+                except queue.Empty:
+                    pass
             if path is not None:
                 self._ingest(path, source)
             self._retry_held()
@@ -123,6 +203,9 @@ class IngestService:
     def _ingest(self, path: Path, source: str, *, final: bool = False) -> None:
         hold = (TRUNCATED,) if source in _HOLD_SOURCES and not final else ()
         outcome = self.pipeline.ingest_file(path, source=source, consume=True, hold=hold)
+        if not path.exists():
+            with self._incoming_lock:
+                self._incoming.pop(path, None)
         if outcome.status == HELD:
             st = _stat(path)
             if st is not None:
@@ -140,6 +223,8 @@ class IngestService:
             st = _stat(path)
             if st is None:
                 del self._held[path]
+                with self._incoming_lock:
+                    self._incoming.pop(path, None)
             elif st != (held.size, held.mtime_ns):
                 self._held[path] = _Held(st[0], st[1], now)
             elif now - held.since >= TRUNCATED_RETRY_S:
@@ -178,6 +263,11 @@ class IngestService:
         out: dict[str, Any] = {"ingest_stored": s.get("stored", 0),
                                "ingest_duplicates": s.get("duplicates", 0),
                                "ingest_queue": self.queue.qsize(),
+                               "ingest_incoming_bytes": self.incoming_bytes,
+                               "ingest_refused_queue_full": self.refused[QUEUE_FULL],
+                               "ingest_refused_incoming_full": self.refused[INCOMING_FULL],
+                               "ingest_watch_waiting": self._waiting_since is not None,
+                               "ingest_quarantine_full": s.get("quarantine_full", 0),
                                "ingest_held_truncated": len(self._held),
                                "series_complete": s.get("series_complete", 0)}
         for group in ("quarantined", "skipped", "series_invalid"):
@@ -186,6 +276,13 @@ class IngestService:
             out[f"ingest_{group}_reasons"] = ",".join(f"{k}={v}" for k, v in
                                                       sorted(counts.items()))
         return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

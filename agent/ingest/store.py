@@ -19,11 +19,9 @@ the ingest thread adds instances while the training side asks for finished serie
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -135,20 +133,12 @@ def append_frames(path: Path, frames: np.ndarray, *, fsync: bool) -> int:
 
 
 def sync_files(directory: Path, names: list[str]) -> None:
-    """Make `names` (and their renames) in `directory` durable: one syncfs(2) of the file
-    system where Linux has it, else one fsync per file, then the directory."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                if libc.syncfs(fd) == 0:
-                    return
-            finally:
-                os.close(fd)
-        except (OSError, AttributeError):
-            pass
-    for name in names:
+    """Make `names` (their contents and their names, renames included) in `directory`
+    durable: one fsync per file, then one of the directory.
+
+    Only what this batch wrote is flushed: a syncfs(2) would also wait for every other
+    writer on the file system (other tenants, logs), which is their cost, not ours."""
+    for name in dict.fromkeys(names):
         fd = os.open(directory / name, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -10,9 +10,9 @@ Choices (docs/security.md says why):
   common name as the MQTT username and client id.
 - The directory holds `ca.crt`, `ca.key` (0600), `crl.pem` (always present, empty at first:
   the broker refuses every client if its CRL file is missing or expired, so it is re-signed on
-  every issue and revoke with a year's validity), `index.json` (what was issued, serials,
-  expiry, revocations) and per identity `<id>.crt` / `<id>.key` (0600) and a bundle directory
-  `bundle-<id>/` holding exactly what that host needs.
+  every issue and revoke, or by `fedsilo pki crl`, with a year's validity), `index.json`
+  (what was issued, serials, expiry, revocations) and per identity `<id>.crt` / `<id>.key`
+  (0600) and a bundle directory `bundle-<id>/` holding exactly what that host needs.
 """
 
 from __future__ import annotations
@@ -196,22 +196,32 @@ class PKI:
         self._write_crl()
         return len(entry["serials"])
 
+    def reissue_crl(self, days: int = CRL_DAYS) -> dt.datetime:
+        """Re-sign the CRL (same revocations) valid for `days` more; returns its nextUpdate.
+        For a CRL near or past its nextUpdate: agents refuse every signature (`crl_stale`)
+        and the broker every client once it has passed."""
+        if days < 1:
+            raise ConfigError("fedsilo pki crl", "--days", "must be at least 1")
+        return self._write_crl(days)
+
     # ------------------------------------------------------------------ internals
 
     def _save_index(self) -> None:
         _write_public(self.dir / "index.json", json.dumps(self.index, indent=1).encode())
 
-    def _write_crl(self) -> None:
+    def _write_crl(self, days: int = CRL_DAYS) -> dt.datetime:
         now = _now()
+        next_update = now + dt.timedelta(days=days)
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.ca_cert.subject)
                    .last_update(now - dt.timedelta(minutes=5))
-                   .next_update(now + dt.timedelta(days=CRL_DAYS)))
+                   .next_update(next_update))
         for serial, when in self.index.get("revoked", {}).items():
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
                 .revocation_date(dt.datetime.fromisoformat(when)).build())
         crl = builder.sign(self.ca_key, hashes.SHA256())
         _write_public(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+        return next_update
 
     def _bundle(self, identity: str) -> None:
         """`bundle-<id>/`: what one host needs (CA certificate, its certificate and key), so

@@ -24,6 +24,9 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import ConfigError, ProtocolError
 from agent.security.identity import key_matches, load_certificate, load_private_key
+
+log = logging.getLogger(__name__)
 
 MAX_CERT_B64 = 4096  # a P-256 certificate is ~600 bytes; anything far larger is refused
 
@@ -76,19 +81,93 @@ class _Known:
     public_key: ec.EllipticCurvePublicKey
 
 
-class Verifier:
-    """Trust in the federation CA (and its CRL): checks the signature on a manifest header."""
+CRL_CHECK_S = 5.0  # how often the CRL file's stat is looked at (never per message)
 
-    def __init__(self, ca_path: Path, crl_path: Path | None = None) -> None:
+
+class Verifier:
+    """Trust in the federation CA (and its CRL): checks the signature on a manifest header.
+
+    The CRL file is watched: at most every `crl_check_s` seconds (on the receiving path, or
+    through `refresh()`) its inode, size and mtime are compared and a changed file is read
+    again, so a revocation takes effect without a restart. A CRL past its nextUpdate fails
+    closed: every peer signature is refused as `crl_stale` (and `problem` says so) until the
+    CA operator re-signs it (`fedsilo pki crl`). A changed file that cannot be used (torn,
+    not signed by the CA) is logged and the previous CRL kept."""
+
+    def __init__(self, ca_path: Path, crl_path: Path | None = None, *,
+                 crl_check_s: float = CRL_CHECK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         try:
             self.ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
-            crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes()) if crl_path else None
         except (OSError, ValueError) as exc:
             raise ConfigError(str(ca_path), "identity", f"cannot load CA / CRL: {exc}") from None
-        if crl is not None and not crl.is_signature_valid(self.ca.public_key()):
-            raise ConfigError(str(crl_path), "identity", "CRL not signed by the federation CA")
-        self.revoked = {r.serial_number for r in crl} if crl is not None else set()
+        self.crl_path = Path(crl_path) if crl_path else None
+        self.revoked: set[int] = set()
+        self.next_update: dt.datetime | None = None
+        self._crl_check_s = crl_check_s
+        self._clock = clock
+        self._crl_stat: tuple[int, int, int] | None = None
+        self._checked_at = clock()
+        self._stale_logged: dt.datetime | None = None
+        if self.crl_path is not None:
+            self._load_crl(self._stat())
         self._known: dict[bytes, _Known] = {}
+
+    def _stat(self) -> tuple[int, int, int]:
+        assert self.crl_path is not None
+        try:
+            st = self.crl_path.stat()
+        except OSError as exc:
+            raise ConfigError(str(self.crl_path), "identity",
+                              f"cannot load CA / CRL: {exc}") from None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load_crl(self, stat: tuple[int, int, int]) -> None:
+        """Read and check the CRL file; ConfigError naming it when it is not usable."""
+        assert self.crl_path is not None
+        where = str(self.crl_path)
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(where, "identity", f"cannot load CA / CRL: {exc}") from None
+        if not crl.is_signature_valid(self.ca.public_key()):
+            raise ConfigError(where, "identity", "CRL not signed by the federation CA")
+        self.revoked = {r.serial_number for r in crl}
+        self.next_update = crl.next_update_utc
+        self._crl_stat = stat
+        self._stale_logged = None
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Reload the CRL if its file changed; cheap (a clock read) between checks."""
+        if self.crl_path is None:
+            return
+        now = self._clock()
+        if not force and now - self._checked_at < self._crl_check_s:
+            return
+        self._checked_at = now
+        try:
+            stat = self._stat()
+            if stat != self._crl_stat:
+                self._load_crl(stat)
+                log.info("CRL %s reloaded: %d revoked, next update %s", self.crl_path,
+                         len(self.revoked), self.next_update)
+        except ConfigError as exc:
+            log.error("%s; keeping the CRL loaded before", exc)
+            try:
+                self._crl_stat = self._stat()  # logged once per change, not every check
+            except ConfigError:
+                pass
+
+    def crl_stale(self, moment: dt.datetime | None = None) -> bool:
+        """True once the loaded CRL is past its nextUpdate (a CRL without one never is)."""
+        moment = moment or dt.datetime.now(dt.timezone.utc)
+        return self.next_update is not None and moment > self.next_update
+
+    @property
+    def problem(self) -> str | None:
+        """What stops every verification now (`crl_stale`), for the roles' status; or None."""
+        self.refresh()
+        return "crl_stale" if self.crl_stale() else None
 
     def verify(self, header: dict[str, Any], *, sender: str, role: str,
                now: dt.datetime | None = None) -> None:
@@ -97,8 +176,17 @@ class Verifier:
             raise ProtocolError("unsigned", "message carries no signature")
         if len(cert_b64) > MAX_CERT_B64 or len(sig_b64) > 256:
             raise ProtocolError("bad_signature", "signature fields too large")
-        known = self._signer(cert_b64)
+        self.refresh()
         moment = now or dt.datetime.now(dt.timezone.utc)
+        if self.crl_stale(moment):
+            if self._stale_logged != self.next_update:
+                self._stale_logged = self.next_update
+                log.error("CRL %s expired at %s (its nextUpdate): every peer signature is "
+                          "refused until the CA re-signs it (fedsilo pki crl) and it is copied "
+                          "here", self.crl_path, self.next_update)
+            raise ProtocolError("crl_stale", f"CRL {self.crl_path} past its nextUpdate "
+                                             f"{self.next_update}")
+        known = self._signer(cert_b64)
         if not known.not_before <= moment <= known.not_after:
             raise ProtocolError("signer_expired", known.name)
         if known.serial in self.revoked:
