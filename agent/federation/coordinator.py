@@ -313,6 +313,8 @@ class Coordinator:
                                      "last_round_ok_ts": self.last_round_ok_ts,
                                      "throttled": False,
                                      "strategy": self.plan.strategy.name,
+                                     "trust_problem": self.peer.trust.problem
+                                     if self.peer.trust else None,
                                      "discounted": self._last_discounted(),
                                      **host_vitals(self.state_dir), **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),

@@ -214,6 +214,7 @@ class Site:
         extra["cert_days_left"] = self.transport.cert_days_left()
         extra["last_round_ok_ts"] = self.last_round_ok_ts
         extra["run"] = self.run_id
+        extra["trust_problem"] = self.peer.trust.problem if self.peer.trust else None
         extra["answered_round"] = self.answered_round  # the coordinator asks again if lost
         extra["throttled"] = self.throttle_reason is not None
         extra["throttle_reason"] = self.throttle_reason
