@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from functools import cache
 from pathlib import Path
 
@@ -26,9 +27,15 @@ CLEAN_COST = {"median": 0.02, "trimmed_mean": 0.01, "multi_krum": 0.01, "norm_bo
 @cache
 def _auc(base: str, strategy: str, attack: str | None) -> tuple[float, dict]:
     out = Path(base) / f"{strategy}-{attack or 'clean'}"
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = run_demo(sites=5, rounds=15, seed=0, out=out,
-                           strategy=StrategySpec(name=strategy), attack=attack)
+    loggers = [logging.getLogger(name) for name in ("agent", "agent.ingest")]
+    levels = [lg.level for lg in loggers]  # the demo quietens them for its own output
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = run_demo(sites=5, rounds=15, seed=0, out=out,
+                               strategy=StrategySpec(name=strategy), attack=attack)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     return summary["federated_auc"], summary
 
 

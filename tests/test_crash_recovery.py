@@ -311,3 +311,34 @@ def test_site_killed_during_training_trains_the_round_again_and_counts_once(tmp_
     killed_in = int(re.findall(r"round (\d+): training", text.split("killing this process")[0])[-1])
     assert f"round {killed_in}: training" in text.split("killing this process")[1]  # again
     assert stop_all([north, *procs]) == [0, 0, 0]
+
+
+def test_site_killed_between_keeping_its_residual_and_recording_the_round(tmp_path, mosquitto):
+    """The residual is kept before the round is recorded as answered, so a crash between the
+    two never makes the next round add the old residual again: the restarted site goes on
+    from the residual its sent update left (the kept reply's), and trains round 1 only once."""
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    plan = dataclasses.replace(plan_for(features, NAMES, rounds=3, deadline=600.0),
+                               model=ModelSpec("mlp", hidden=(16,)),
+                               compression=CompressionSpec(quantize="int8", topk_fraction=0.1))
+    procs = launch(tmp_path, mosquitto.port, NAMES[1:], tables[1:])
+    cfg = write_site_config(tmp_path / "sites", "north", FED, mosquitto.port, tables[0])
+    log = tmp_path / "north.log"
+    # Replies: statistics (1st), round 1 (2nd): killed once its residual is kept.
+    north = start_site(cfg, log, env={CRASH_AT: "site.residual_saved:2"})
+    records: list[dict] = []
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=records.append).start()
+    assert north.wait(120) == -signal.SIGKILL
+    state = tmp_path / "sites" / "north"
+    kept = Outbox(state).get(max_body=1 << 30)
+    assert kept is not None and kept.manifest.round == 1
+    assert next(state.glob("residual-*.f32")).read_bytes() == kept.residual.astype(
+        "<f4").tobytes()
+    assert json.loads((state / "site-state.json").read_text())["answered"][-1][0] == 0
+    north = start_site(cfg, log, append=True)
+    final = coord.join(timeout=120)
+    assert final["sites"] == sorted(NAMES)
+    assert [r["sites"] for r in records] == [sorted(NAMES)] * 3
+    assert log.read_text().count("round 1: training") == 1
+    assert stop_all([north, *procs]) == [0, 0, 0]
