@@ -103,3 +103,46 @@ def _wait(done, timeout: float = 30.0) -> None:
     while not done():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.1)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu) not found")
+def test_a_listener_only_site_process_completes_its_series_when_the_first_task_arrives(
+        tmp_path, mosquitto):
+    """The same over the wire: a `fedsilo site run` process with a listener and no table,
+    a real Mosquitto, a real coordinator; its retained status shows the series complete."""
+    from agent.federation import topics
+    from agent.federation.broker import free_port
+    from tests.fedharness import CoordinatorThread, start_site, stop_all
+    from tests.test_lifecycle import read_retained
+
+    plan = _plan()
+    port = free_port()
+    cfg = tmp_path / "alpha.toml"
+    cfg.write_text(dumps({
+        "site": {"id": "alpha", "federation": plan.federation,
+                 "state_dir": str(tmp_path / "state")},
+        "broker": {"host": "127.0.0.1", "port": mosquitto.port},
+        "dicom": {"listen": True, "ae_title": AET, "port": port, "bind": "127.0.0.1",
+                  "allowed_callers": [CALLER], "series_quiet_s": 0.2}}))
+    site = start_site(cfg, tmp_path / "alpha.log")
+    status = topics.site_status(plan.federation, "alpha")
+    read_retained(mosquitto.port, status, lambda d: d["state"] == "idle", timeout=60)
+    files = write_series(tmp_path / "pacs", 5)
+    sent = subprocess.run(["storescu", "-aet", CALLER, "-aec", AET, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    time.sleep(1.5)  # quiet, and past a completion pass: without a grid nothing completes
+    waiting = read_retained(mosquitto.port, status, lambda d: d.get("ingest_stored") == 5,
+                            timeout=30)
+    assert waiting.get("series_complete", 0) == 0
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord").start()
+    try:
+        done = read_retained(mosquitto.port, status,
+                             lambda d: d.get("series_complete") == 1, timeout=60)
+        assert done["last_error"] == "data_error"  # no table to train on: said, not hidden
+    finally:
+        coord.coordinator.stop_event.set()
+        coord.thread.join(20)
+    site.send_signal(2)  # SIGINT, as Ctrl-C
+    assert stop_all([site]) == [0]
