@@ -533,12 +533,13 @@ class Coordinator:
         self.params = agg.finalize(self.params)
         wall = time.monotonic() - t_open
         slowest = max(r["train_seconds"] for r in outcome.reports.values())
+        claimed = sum(r["n_samples"] for r in outcome.reports.values())
         record = {
             "round": rnd,
             "sites": sorted(outcome.reports),
-            "samples": sum(r["n_samples"] for r in outcome.reports.values()),
+            "samples": claimed,
             "train_loss": sum(r["train_loss"] * r["n_samples"] for r in outcome.reports.values())
-            / sum(r["n_samples"] for r in outcome.reports.values()),
+            / claimed,
             # metrics of the model the sites received this round (the previous global model)
             "eval_before": weighted_metrics(outcome.reports),
             "per_site": {s: {"n_samples": r["n_samples"], "weight": weights[s],

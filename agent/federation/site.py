@@ -16,6 +16,7 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -250,9 +251,7 @@ class Site:
         rnd = reply.manifest.round
         self.state = State.UPLOADING
         self.peer.forget_sent_before(rnd)
-        self.peer.send_body(topics.site_manifest(self.fed, self.site_id, rnd),
-                            lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
-                            reply.manifest, reply.body)
+        self.peer.send_body(*self._reply_topics(rnd), reply.manifest, reply.body)
         self.outbox.make_durable()
         if reply.residual is not None:
             self._save_residual(reply.residual)
@@ -265,6 +264,11 @@ class Site:
             self.last_error = None
         self.state = State.IDLE
         self.publish_status()
+
+    def _reply_topics(self, rnd: int) -> tuple[str, Callable[[int], str]]:
+        """(manifest topic, chunk topic of index) of this site's reply for a round."""
+        return (topics.site_manifest(self.fed, self.site_id, rnd),
+                lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k))
 
     def _resend_kept_reply(self, m: Manifest) -> bool:
         """A task already answered (before this site restarted, or before the coordinator
@@ -384,8 +388,8 @@ class Site:
             return  # a retained manifest seen again after reconnect: already answered
         if self._resend_kept_reply(m):
             return
-        # A new manifest for a round we answered means the coordinator re-opened it
-        # (it restarted mid-round): answer again.
+        # Otherwise a new manifest for a round we answered is a re-opened round with other
+        # parameters than the reply we kept: answer it afresh.
         try:
             plan = plan_from_dict(meta.get("plan"), "<plan from coordinator>")
         except FedsiloError as exc:
@@ -624,10 +628,8 @@ class Site:
         self._load_state()
         kept = self.outbox.get(MAX_TASK_BYTES)
         if kept is not None and kept.run == self.run_id:  # resend requests may name it
-            rnd = kept.manifest.round
-            self.peer.keep_sent(topics.site_manifest(self.fed, self.site_id, rnd),
-                                lambda k: topics.site_chunk(self.fed, self.site_id, rnd, k),
-                                kept.manifest, kept.body)
+            self.peer.keep_sent(*self._reply_topics(kept.manifest.round), kept.manifest,
+                                kept.body)
         if self.config.dicom.listen or self.config.dicom.watch_dir is not None:
             self._ingest_service()
         if not self.transport.connect(retry=True, stop=self.stop_event,

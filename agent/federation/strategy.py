@@ -31,6 +31,7 @@ from agent.config import STRATEGIES, CompressionSpec, ConfigError, StrategySpec
 from agent.errors import ProtocolError
 from agent.federation.aggregate import FedAvgAccumulator
 from agent.federation.codec import UpdateStream
+from kernels.ref_robust import multi_krum_select  # pure numpy, for every backend
 
 HOLD_LIMIT_BYTES = 4 << 30  # what the holding rules may keep of a round's updates
 
@@ -258,7 +259,7 @@ class _HoldingRound:
         weights = np.array([w for _s, _v, w in whole], dtype=np.float64)
         mean, discounted = self.rule(updates, weights, sites)
         self.discounted.update(discounted)
-        return (params.astype(np.float32) + mean.astype(np.float32)).astype(np.float32)
+        return params.astype(np.float32) + mean.astype(np.float32)
 
 
 def _weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -296,8 +297,6 @@ class Holding(FedAvg):
 
     def _multi_krum(self, u: np.ndarray, w: np.ndarray, sites: list[str]
                     ) -> tuple[np.ndarray, dict[str, str]]:
-        from kernels.ref_robust import multi_krum_select
-
         k, f = u.shape[0], self.spec.byzantine
         if k <= 2 * f + 2:  # too few updates for Krum's guarantee: plain FedAvg this round
             return _weighted_mean(u, w), {}
