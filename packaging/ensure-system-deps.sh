@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
 # MQTT broker), dcmtk (storescu/storescp, the real DICOM peers), systemd-analyze (the unit
-# checks), chromium (the report's rendering test) and zabbix-agent2 (the monitoring snippet's
-# test runs the agent Debian ships). Installs the Debian packages
-# when missing and running as root; otherwise says exactly what to install.
+# checks), chromium (the report's rendering test), strace (the store's sync test) and
+# zabbix-agent2 (the monitoring snippet's test runs the agent Debian ships). Installs the Debian
+# packages when missing and running as root; otherwise says exactly what to install.
 set -euo pipefail
 missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
@@ -26,6 +26,9 @@ if ! command -v dpkg-deb >/dev/null 2>&1; then
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)  # renders the HTML report headless in its test
+fi
+if ! command -v strace >/dev/null 2>&1; then
+    missing+=(strace)  # the store's durability test checks which sync calls it makes
 fi
 if ! command -v zabbix_agent2 >/dev/null 2>&1 && [ ! -x /usr/sbin/zabbix_agent2 ]; then
     missing+=(zabbix-agent2)  # docs/monitoring.md's Zabbix snippet is tested against it
