@@ -67,3 +67,17 @@ def test_a_robust_rule_costs_little_on_clean_data(base, strategy):
     clean, _ = _auc(base, "fedavg", None)
     robust, _ = _auc(base, strategy, None)
     assert robust >= clean - CLEAN_COST[strategy], (strategy, clean, robust)
+
+
+def test_an_unknown_demo_attack_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = Path(__file__).parents[1] / "packaging" / "examples" / "site.toml"
+    run = subprocess.run([sys.executable, "-m", "agent", "site", "run", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FEDSILO_DEMO_ATTACK": "bogus"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "fedsilo: FEDSILO_DEMO_ATTACK: must be one of sign-flip, scale, inflate; got 'bogus'")

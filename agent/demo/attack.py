@@ -25,7 +25,9 @@ INFLATE = 100
 def armed() -> str | None:
     kind = os.environ.get(ENV) or None
     if kind is not None and kind not in ATTACKS:
-        raise ValueError(f"{ENV} must be one of {', '.join(ATTACKS)}; got {kind!r}")
+        from agent.errors import ConfigError
+
+        raise ConfigError(ENV, "", f"must be one of {', '.join(ATTACKS)}; got {kind!r}")
     return kind
 
 
