@@ -478,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     try:
+        from agent.learn.kinds import load_plugins
+
+        load_plugins()
         return args.func(args)
     except FedsiloError as exc:
         print(f"fedsilo: {exc}", file=sys.stderr)

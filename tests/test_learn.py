@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 import kernels
 from agent.config import ModelSpec, TrainingSpec
 from agent.errors import ProtocolError
+from agent.learn import stack
 from agent.learn.layout import Layout, TensorSpec, build_layout, init_params
 from agent.learn.metrics import accuracy, log_loss, roc_auc
 from agent.learn.models import loss_and_grad, predict_proba
@@ -54,7 +55,7 @@ def test_build_layout_mlp():
         ("dense0.w", (5, 8), 0), ("dense0.b", (8,), 40), ("dense1.w", (8, 3), 48),
         ("dense1.b", (3,), 72), ("dense2.w", (3, 1), 75), ("dense2.b", (1,), 78)]
     assert lay.size == 79
-    assert lay.dense_layers()[-1] == ("dense2.w", "dense2.b")
+    assert stack.dense_layers(lay)[-1] == ("dense2.w", "dense2.b")
 
 
 @pytest.mark.parametrize("model,n", [(ModelSpec("mlp", ()), 3), (ModelSpec("logistic", (2,)), 3),

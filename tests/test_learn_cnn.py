@@ -19,6 +19,7 @@ import pytest
 import kernels
 from agent.config import ModelSpec, TrainingSpec
 from agent.errors import ProtocolError
+from agent.learn import stack
 from agent.learn.layout import Layout, build_layout, init_params
 from agent.learn.metrics import accuracy
 from agent.learn.models import loss_and_grad, predict_proba
@@ -48,11 +49,11 @@ def test_build_layout_cnn():
         ("conv0.w", (2, 2, 3, 3), 0), ("conv0.b", (2,), 36), ("conv1.w", (3, 2, 3, 3), 38),
         ("conv1.b", (3,), 92), ("dense0.w", (6, 4), 95), ("dense0.b", (4,), 119),
         ("dense1.w", (4, 1), 123), ("dense1.b", (1,), 127)]
-    assert lay.size == 128 and lay.n_inputs == 3 and lay.image_features == 3
-    assert lay.kernel_size == 3 and lay.image_shape == IMAGE
-    assert lay.conv_layers() == (("conv0.w", "conv0.b"), ("conv1.w", "conv1.b"))
+    assert lay.size == 128 and lay.n_inputs == 3 and stack.image_features(lay) == 3
+    assert stack.kernel_size(lay) == 3 and lay.image_shape == IMAGE
+    assert stack.conv_layers(lay) == (("conv0.w", "conv0.b"), ("conv1.w", "conv1.b"))
     no_hidden = build_layout(ModelSpec("cnn_fused", (), (4,), 5), 2, (1, 4, 4))
-    assert no_hidden.dense_layers() == (("dense0.w", "dense0.b"),)
+    assert stack.dense_layers(no_hidden) == (("dense0.w", "dense0.b"),)
     assert no_hidden.tensors[-2].shape == (6, 1)
 
 
@@ -189,7 +190,7 @@ def _numpy_forward(layout, params, x, images):
     """An independent float64 forward: the oracle conv, then numpy for the rest."""
     v = {k: a.astype(np.float64) for k, a in layout.views(params).items()}
     a = images.astype(np.float64)
-    for w, b in layout.conv_layers():
+    for w, b in stack.conv_layers(layout):
         a = np.maximum(REF.conv2d_forward(a, v[w], v[b]), 0)
         n, c, h, wd = a.shape
         a = a.reshape(n, c, h // 2, 2, wd // 2, 2).max(axis=(3, 5))

@@ -20,7 +20,6 @@ from agent.config.checks import (
 from agent.config.plan import (
     FEATURE_TYPES,
     MISSING_POLICIES,
-    MODEL_KINDS,
     OPTIMIZERS,
     QUANTIZERS,
     STRATEGIES,
@@ -52,7 +51,7 @@ from agent.errors import ConfigError
 
 __all__ = [
     "COLUMN_PATTERN", "FEATURE_TYPES", "FEDERATION_ID_PATTERN", "MISSING_POLICIES",
-    "MODEL_KINDS", "MQTT_PROTOCOLS", "OPTIMIZERS", "PROFILE_NAME_PATTERN", "SITE_ID_PATTERN",
+    "MQTT_PROTOCOLS", "OPTIMIZERS", "PROFILE_NAME_PATTERN", "SITE_ID_PATTERN",
     "QUANTIZERS", "STRATEGIES", "STRATEGY_OPTIONS", "BrokerConfig", "CompressionSpec",
     "CoordinatorConfig",
     "DataSources", "DicomSources", "IdentityFiles",

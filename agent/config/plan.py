@@ -15,8 +15,8 @@ from agent.config.checks import (
     _Reader,
 )
 from agent.errors import ConfigError
+from agent.learn.kinds import kind_names, model_kind
 
-MODEL_KINDS = ("logistic", "mlp", "cnn_fused")
 OPTIMIZERS = ("sgd", "adam")
 # Each strategy and the [strategy] options it takes (besides `name` and `max_weight_fraction`);
 # the implementations are registered in agent/federation/strategy.py under the same names.
@@ -254,22 +254,15 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
     m = top.sub("model")
     if m is not None:
         m.reject_unknown({"kind", "hidden", "conv_channels", "kernel_size"})
-        kind = m.choice("kind", MODEL_KINDS, "logistic")
+        kind = m.choice("kind", kind_names(), "logistic")
         hidden_raw = m.get("hidden", list, [])
         if not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 4096
                    for h in hidden_raw):
             raise m.fail("hidden", "must be a list of layer widths between 1 and 4096")
-        if kind == "mlp" and not hidden_raw:
-            raise m.fail("hidden", "an mlp needs at least one hidden layer width")
-        if kind == "logistic" and hidden_raw:
-            raise m.fail("hidden", "a logistic model has no hidden layers")
         channels = m.get("conv_channels", list, [])
         if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 256
                    for c in channels):
             raise m.fail("conv_channels", "must be a list of channel counts between 1 and 256")
-        if (kind == "cnn_fused") != bool(channels):
-            raise m.fail("conv_channels", "a cnn_fused model needs conv_channels; other kinds "
-                                          "have none")
         kernel_size = m.number("kernel_size", 3, lo=1, hi=7, integer=True)
         if kernel_size % 2 == 0:
             raise m.fail("kernel_size", "must be odd (same padding)")
@@ -287,11 +280,9 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             window_center=im.number("window_center", 40.0, lo=-4096.0, hi=4096.0),
             window_width=im.number("window_width", 80.0, lo=1.0, hi=8192.0),
         )
-    if model.kind == "cnn_fused" and imaging is None:
-        raise ConfigError(file, "imaging", "a cnn_fused model needs an [imaging] table")
-    if model.kind == "cnn_fused" and imaging.size % (2 ** len(model.conv_channels)) != 0:
-        raise ConfigError(file, "imaging.size", f"must be divisible by "
-                          f"{2 ** len(model.conv_channels)} (one 2x2 pooling per conv layer)")
+    problem = model_kind(model.kind).plan_problem(model, imaging)
+    if problem is not None:
+        raise ConfigError(file, *problem)
 
     training = TrainingSpec()
     tr = top.sub("training")

@@ -37,6 +37,7 @@ from agent.federation.strategy import make_strategy, weight_caps
 from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import encoded_columns
+from agent.learn.kinds import model_kind
 from agent.learn.layout import Layout, build_layout, init_params
 from agent.learn.modelfile import SavedModel, load_model, save_model
 from agent.learn.standardize import Moments, MomentsStream, image_standardizer, standardizer
@@ -129,7 +130,7 @@ class Coordinator:
         self.state_dir = Path(config.state_dir)
         self.columns = encoded_columns(plan.features)
         image_shape = None
-        if plan.model.kind == "cnn_fused" and plan.imaging is not None:
+        if model_kind(plan.model.kind).reads_images and plan.imaging is not None:
             image_shape = (plan.imaging.depth, plan.imaging.size, plan.imaging.size)
         self.layout: Layout = build_layout(plan.model, len(self.columns), image_shape)
         self.strategy = make_strategy(plan.strategy, self.layout.size, len(plan.sites),

@@ -35,6 +35,7 @@ from agent.federation.peer import BodyReady, Peer, Trust
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import EncodedTable, load_table
 from agent.learn import metrics
+from agent.learn.kinds import model_kind
 from agent.learn.layout import Layout
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
@@ -88,7 +89,7 @@ class LocalData:
     table: EncodedTable
     x: np.ndarray  # encoded features of the usable rows
     y: np.ndarray
-    images: np.ndarray | None  # float32 [n, depth, size, size] for cnn_fused, else None
+    images: np.ndarray | None  # float32 [n, depth, size, size] for an imaging model, else None
     train: np.ndarray  # row indices into x / y / images
     holdout: np.ndarray
     rows_without_image: int = 0
@@ -294,7 +295,7 @@ class Site:
         table = load_table(self.config.data.table, plan.features, plan.target, plan.missing,
                            self.config.data.id_column)
         x, y, images, no_image = table.x, table.y, None, 0
-        if plan.model.kind == "cnn_fused":
+        if model_kind(plan.model.kind).reads_images:
             x, y, images, no_image = self._join_images(table, plan)
         train, holdout = split_rows(x.shape[0], self.config.data.holdout_fraction,
                                     self.config.data.split_seed)

@@ -20,6 +20,7 @@ from agent.config import Plan, plan_from_dict
 from agent.errors import ConfigError, DataError
 from agent.ingest.tables import encoded_columns, load_table, read_header
 from agent.learn import metrics
+from agent.learn.kinds import kind_names, model_kind
 from agent.learn.modelfile import SavedModel, load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
@@ -53,11 +54,12 @@ def load_scoring_model(directory: Path) -> tuple[SavedModel, Plan]:
         model = load_model(directory)
     except DataError as exc:
         raise ConfigError(WHERE, "--model", str(exc)) from None
-    if model.layout.kind == "cnn_fused":
-        raise ConfigError(WHERE, "--model", f"{directory}: a cnn_fused model also needs each "
-                                            "patient's images; scoring imaging models is not "
-                                            "supported by this command yet (table-only "
-                                            "models: logistic, mlp)")
+    if model.layout.model_kind.reads_images:
+        tables = ", ".join(n for n in kind_names() if not model_kind(n).reads_images)
+        raise ConfigError(WHERE, "--model", f"{directory}: a {model.layout.kind} model also "
+                                            "needs each patient's images; scoring imaging "
+                                            "models is not supported by this command yet "
+                                            f"(table-only models: {tables})")
     if not isinstance(model.plan, dict):
         raise ConfigError(WHERE, "--model", f"{directory}/model.json: plan is not an object")
     plan = plan_from_dict(model.plan, file=f"{directory}/model.json plan")
