@@ -39,7 +39,7 @@ from agent.learn.kinds import model_kind
 from agent.learn.layout import Layout
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
-from agent.learn.trainer import train_local
+from agent.learn.trainer import TrainResult, train_local
 from agent.ops.atomic import write_atomic, write_json_atomic
 from agent.ops.crashpoints import crash_point
 from agent.ops.hardware import (
@@ -435,20 +435,9 @@ class Site:
             return
         self.state = State.TRAINING
         self.publish_status()
-        training = plan.training
-        cap = self.profile.settings.max_batch_size
-        if training.batch_size > cap:
-            log.info("batch size %d capped at %d by hardware profile %s", training.batch_size,
-                     cap, self.profile.name)
-            training = replace(training, batch_size=cap)
         self._yield_to_clinical_work()
         log.info("round %d: training on %d rows", m.round, data.train.size)
-        result = train_local(layout, params, x[data.train], data.y[data.train],
-                             training, seed=plan.seed * 100_003 + m.round,
-                             kernels=self.kernels, first_step_callback=self._first_step,
-                             step_callback=self._training_step, **self._images(data.train),
-                             proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
-                             else 0.0)
+        result = self.train_round(plan, layout, params, x, m.round)
         delta = (result.params - params).astype(np.float32)
         n_samples = int(result.n_samples)
         if self.attack is not None:
@@ -467,6 +456,26 @@ class Site:
         self.last_round_ok_ts = round(time.time(), 3)
         report |= {"bytes_up": len(encoded.body), "update_raw_bytes": encoded.raw_bytes}
         self._publish_metrics(m.round, report)
+
+    def train_round(self, plan: Plan, layout: Layout, params: np.ndarray, x: np.ndarray,
+                    rnd: int) -> TrainResult:
+        """Round `rnd`'s local training from `params` on this site's standardised rows `x`.
+
+        Deterministic: the same inputs give the same update, so a round trained again after a
+        crash sends what the first try would have (and tests can replay a site's rounds)."""
+        data = self._ensure_data(plan)
+        training = plan.training
+        cap = self.profile.settings.max_batch_size
+        if training.batch_size > cap:
+            log.info("batch size %d capped at %d by hardware profile %s", training.batch_size,
+                     cap, self.profile.name)
+            training = replace(training, batch_size=cap)
+        return train_local(layout, params, x[data.train], data.y[data.train],
+                           training, seed=plan.seed * 100_003 + rnd,
+                           kernels=self.kernels, first_step_callback=self._first_step,
+                           step_callback=self._training_step, **self._images(data.train),
+                           proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
+                           else 0.0)
 
     def _residual_file(self) -> Path:
         run = hashlib.sha256(str(self.run_id).encode()).hexdigest()[:16]
