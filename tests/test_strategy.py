@@ -27,7 +27,7 @@ def _updates(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def _run_round(strategy, params, updates, weights, spec, sites=None, seeds=None):
-    agg = strategy.new_round()
+    agg = strategy.new_round(1)
     for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
         seed = i if seeds is None else seeds[i]
         enc = encode_update(u, spec, seed=seed, kernels=K, residual=np.zeros_like(u))
@@ -155,11 +155,53 @@ def _holding_round(name, updates, weights, **options):
 def test_median_and_trimmed_mean_through_the_seam_equal_numpy():
     updates = _updates(10_007, 5, seed=7)
     stack = np.stack(updates)
-    _agg, out = _holding_round("median", updates, [1.0] * 5)
+    _agg, out = _holding_round("median", updates, [1.0] * 5, bucket_size=1)
     np.testing.assert_array_equal(out, np.median(stack, axis=0).astype(np.float32))
     _agg, out = _holding_round("trimmed_mean", updates, [1.0] * 5, trim_fraction=0.2)
     want = np.sort(stack, axis=0)[1:4].astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(out, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_bucketed_median_is_the_median_of_weighted_bucket_means_whatever_the_arrival_order():
+    updates = _updates(4001, 5, seed=11)
+    weights = [3.0, 1.0, 2.0, 5.0, 4.0]
+    _agg, out = _holding_round("median", updates, weights, bucket_size=2)
+    # the buckets, written out: round 1's permutation of the sites sorted by name (s0..s4)
+    order = list(np.random.default_rng([1, 5]).permutation(5))
+    means = [np.average(np.stack([updates[i] for i in g]), axis=0,
+                        weights=[weights[i] for i in g]) for g in (order[:2], order[2:4],
+                                                                   order[4:])]
+    np.testing.assert_allclose(out, np.median(np.stack(means), axis=0), rtol=1e-5, atol=1e-6)
+    # the same updates arriving in another order give the same model
+    perm = [3, 0, 4, 1, 2]
+    strategy = make_strategy(StrategySpec(name="median", bucket_size=2), 4001, 5,
+                             CompressionSpec(), K)
+    _a, again = _run_round(strategy, np.zeros(4001, np.float32), [updates[i] for i in perm],
+                           [weights[i] for i in perm], CompressionSpec(),
+                           sites=[f"s{i}" for i in perm])
+    np.testing.assert_array_equal(again, out)
+
+
+def test_bucketing_keeps_three_buckets_so_one_bad_site_is_outvoted():
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal(3000).astype(np.float32)
+    honest = [base + 0.1 * rng.standard_normal(3000).astype(np.float32) for _ in range(4)]
+    for rnd in range(1, 8):  # wherever the bucket draw puts the attacker
+        strategy = make_strategy(StrategySpec(name="median", bucket_size=2), 3000, 5,
+                                 CompressionSpec(), K)
+        agg = strategy.new_round(rnd)
+        for i, u in enumerate([*honest, -100.0 * base]):
+            enc = encode_update(u, CompressionSpec(), seed=i, kernels=K,
+                                residual=np.zeros_like(u))
+            stream = agg.open_update(f"s{i}", enc.meta, 1.0, len(enc.body))
+            stream.feed(enc.body)
+            stream.finish()
+        out = agg.finalize(np.zeros(3000, np.float32))
+        assert np.corrcoef(out, base)[0, 1] > 0.95, rnd
+    # 4 sites cannot make 3 buckets of 2: the plain median, not a mean of two halves
+    four = _updates(500, 4, seed=13)
+    _agg, out = _holding_round("median", four, [1.0] * 4, bucket_size=2)
+    np.testing.assert_array_equal(out, np.median(np.stack(four), axis=0).astype(np.float32))
 
 
 def test_multi_krum_leaves_out_the_update_far_from_the_rest_and_says_so():
@@ -192,7 +234,7 @@ def test_a_holding_rule_counts_only_whole_updates():
     updates = _updates(3000, 3, seed=10)
     n, spec = 3000, CompressionSpec()
     strategy = make_strategy(StrategySpec(name="median"), n, 3, spec, K)
-    agg = strategy.new_round()
+    agg = strategy.new_round(1)
     for i, u in enumerate(updates):
         enc = encode_update(u, spec, seed=i, kernels=K, residual=np.zeros_like(u))
         stream = agg.open_update(f"s{i}", enc.meta, 1.0, len(enc.body))

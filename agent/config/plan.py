@@ -25,7 +25,7 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "fedprox": ("mu",),
     "fedadam": ("server_lr", "beta1", "beta2", "tau"),
     "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
-    "median": (),
+    "median": ("bucket_size",),
     "trimmed_mean": ("trim_fraction",),
     "multi_krum": ("byzantine", "krum_select"),
     "norm_bound": ("norm_bound", "norm_action"),
@@ -45,7 +45,10 @@ class StrategySpec:
     sample count it claims. fedprox: FedAvg with the proximal term `mu` in each site's local
     steps (Li et al., MLSys 2020). Server optimizers (fedadam, fedyogi: Reddi et al., ICLR
     2021) step with `server_lr`, `beta1`, `beta2`, `tau` on the mean update. Robust rules:
-    `trim_fraction` of the values dropped at each end per coordinate (trimmed_mean); `byzantine`
+    the coordinate-wise median of the means of random buckets of `bucket_size` updates
+    (median; 1 = the plain median; Karimireddy, He & Jaggi, ICLR 2022: buckets make the
+    median of different hospitals' updates close to their mean); `trim_fraction` of the
+    values dropped at each end per coordinate (trimmed_mean); `byzantine`
     sites assumed bad and `krum_select` updates averaged (multi_krum, 0 = all but `byzantine`);
     updates whose norm exceeds `norm_bound` x the round's median norm are clipped to it or
     rejected (norm_bound)."""
@@ -57,6 +60,7 @@ class StrategySpec:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    bucket_size: int = 2
     trim_fraction: float = 0.1
     byzantine: int = 1
     krum_select: int = 0
@@ -313,6 +317,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             beta1=st.number("beta1", d.beta1, lo=0.0, hi=0.9999),
             beta2=st.number("beta2", d.beta2, lo=0.0, hi=0.99999),
             tau=st.number("tau", d.tau, lo=1e-9, hi=1.0),
+            bucket_size=st.number("bucket_size", d.bucket_size, lo=1, hi=1000, integer=True),
             trim_fraction=st.number("trim_fraction", d.trim_fraction, lo=0.0, hi=0.49),
             byzantine=st.number("byzantine", d.byzantine, lo=0, hi=1000, integer=True),
             krum_select=st.number("krum_select", d.krum_select, lo=0, hi=10_000, integer=True),

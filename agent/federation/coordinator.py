@@ -484,7 +484,7 @@ class Coordinator:
     def _train_round(self, rnd: int) -> None:
         self.state = State.COLLECTING
         self._publish_status()
-        agg = self.strategy.new_round()
+        agg = self.strategy.new_round(rnd)
         opened: dict[str, UpdateStream] = {}
         weights: dict[str, float] = {}
         caps = weight_caps(self.site_rows, self.plan.strategy.max_weight_fraction)
