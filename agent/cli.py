@@ -7,6 +7,7 @@ exit status (2 for config), never as a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -478,9 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     try:
-        from agent.learn.kinds import load_plugins
+        from agent.learn.kinds import load_plugins, model_kind
 
-        load_plugins()
+        for name in load_plugins():
+            logging.getLogger("agent").info("model kind %s from an installed package: %s",
+                                            name, model_kind(name).summary)
         return args.func(args)
     except FedsiloError as exc:
         print(f"fedsilo: {exc}", file=sys.stderr)

@@ -37,7 +37,7 @@ class ModelKind:
     """One model kind. Functions take the Layout (already packed and bounds-checked)."""
 
     name: str
-    summary: str  # one line for docs and `unknown kind` errors
+    summary: str  # what it is, in one line (logged when a plugin brings it)
     reads_images: bool
     # (plan key, problem) for the first thing in [model]/[imaging] this kind cannot use, or None
     plan_problem: Callable[[ModelSpec, ImagingSpec | None], tuple[str, str] | None]
@@ -121,10 +121,12 @@ def _no_conv(kind: str, model: ModelSpec, image_shape: ImageShape | None) -> Non
         raise ValueError(f"a {kind} model reads no image: no image_shape or conv_channels")
 
 
+CONV_CHANNELS_PROBLEM = ("model.conv_channels",
+                         "a cnn_fused model needs conv_channels; other kinds have none")
+
+
 def _table_plan_problem(model: ModelSpec) -> tuple[str, str] | None:
-    if model.conv_channels:
-        return "model.conv_channels", "a cnn_fused model needs conv_channels; other kinds have none"
-    return None
+    return CONV_CHANNELS_PROBLEM if model.conv_channels else None
 
 
 def _names(layout: Layout) -> list[str]:
@@ -172,8 +174,7 @@ def _mlp_check(layout: Layout) -> None:
 
 def _cnn_plan(model: ModelSpec, imaging: ImagingSpec | None) -> tuple[str, str] | None:
     if not model.conv_channels:
-        return "model.conv_channels", ("a cnn_fused model needs conv_channels; other kinds "
-                                       "have none")
+        return CONV_CHANNELS_PROBLEM
     if imaging is None:
         return "imaging", "a cnn_fused model needs an [imaging] table"
     factor = 2 ** len(model.conv_channels)
