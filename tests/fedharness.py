@@ -25,9 +25,10 @@ from agent.federation.coordinator import Coordinator
 def write_site_config(directory: Path, site: str, federation: str, port: int, table: Path,
                       holdout: float = 0.2, tls: dict[str, str] | None = None,
                       identity: dict[str, str] | None = None,
-                      policy: dict[str, Any] | None = None) -> Path:
+                      policy: dict[str, Any] | None = None,
+                      privacy: dict[str, Any] | None = None) -> Path:
     """`tls`: {"ca": ..., "cert": ..., "key": ...} for a broker that wants certificates;
-    `identity`: the same keys for signing without TLS; `policy`: the [policy] table."""
+    `identity`: the same keys for signing without TLS; `policy`, `privacy`: those tables."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = directory / f"{site}.toml"
     broker: dict[str, Any] = {"host": "127.0.0.1", "port": port}
@@ -42,6 +43,8 @@ def write_site_config(directory: Path, site: str, federation: str, port: int, ta
         doc["identity"] = identity
     if policy is not None:
         doc["policy"] = policy
+    if privacy is not None:
+        doc["privacy"] = privacy
     cfg.write_text(dumps(doc))
     return cfg
 

@@ -18,6 +18,7 @@ from agent.config.checks import (
     _Reader,
 )
 from agent.config.plan import (
+    DP_MODES,
     FEATURE_TYPES,
     MISSING_POLICIES,
     OPTIMIZERS,
@@ -29,6 +30,7 @@ from agent.config.plan import (
     ImagingSpec,
     ModelSpec,
     Plan,
+    PrivacySpec,
     StrategySpec,
     TrainingSpec,
     load_plan,
@@ -43,6 +45,7 @@ from agent.config.site import (
     DicomSources,
     IdentityFiles,
     SiteConfig,
+    SitePrivacy,
     TLSFiles,
     load_coordinator_config,
     load_site_config,
@@ -50,12 +53,13 @@ from agent.config.site import (
 from agent.errors import ConfigError
 
 __all__ = [
-    "COLUMN_PATTERN", "FEATURE_TYPES", "FEDERATION_ID_PATTERN", "MISSING_POLICIES",
+    "COLUMN_PATTERN", "DP_MODES", "FEATURE_TYPES", "FEDERATION_ID_PATTERN", "MISSING_POLICIES",
     "MQTT_PROTOCOLS", "OPTIMIZERS", "PROFILE_NAME_PATTERN", "SITE_ID_PATTERN",
     "QUANTIZERS", "STRATEGIES", "STRATEGY_OPTIONS", "BrokerConfig", "CompressionSpec",
     "CoordinatorConfig",
     "DataSources", "DicomSources", "IdentityFiles",
-    "FeatureSpec", "ImagingSpec", "ModelSpec", "Plan", "SiteConfig", "StrategySpec", "TLSFiles",
+    "FeatureSpec", "ImagingSpec", "ModelSpec", "Plan", "PrivacySpec", "SiteConfig", "SitePrivacy",
+    "StrategySpec", "TLSFiles",
     "TrainingSpec",
     "_Reader", "_read_toml", "check_file", "load_coordinator_config", "load_plan",
     "load_site_config", "plan_from_dict", "plan_to_toml_dict",

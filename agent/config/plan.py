@@ -33,6 +33,10 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
 STRATEGIES = tuple(STRATEGY_OPTIONS)
 NORM_ACTIONS = ("clip", "reject")
 QUANTIZERS = ("none", "int8")
+DP_MODES = ("none", "client", "sample")
+# Strategies whose round is a weighted mean: the only ones secure aggregation can compute
+# (the coordinator sees the sum only, never an update to compare).
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 MISSING_POLICIES = ("mean", "drop")
 FEATURE_TYPES = ("numeric", "categorical")
 
@@ -134,6 +138,34 @@ class CompressionSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """What a site may reveal, and how (docs/privacy.md).
+
+    `min_cell`: a site with fewer training rows sends no statistics, metrics or update.
+    `secure_aggregation`: pairwise masks so the coordinator learns only the sum; each value is
+    clipped to +-`value_bound` and fixed-point quantized first (clipped values are counted).
+    `dp`: "client" clips each site's update to L2 norm `dp_clip` and adds Gaussian noise
+    `dp_noise_multiplier` x `dp_clip` to the sum; "sample" is DP-SGD at each site (each
+    example's gradient clipped to `dp_clip`, noise on every step's sum). The coordinator stops
+    before a round would spend more than (`dp_epsilon`, `dp_delta`)."""
+
+    min_cell: int = 10
+    secure_aggregation: bool = False
+    value_bound: float = 0.5
+    dp: str = "none"
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_epsilon: float = 10.0
+    dp_delta: float = 1e-5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_cell": self.min_cell, "secure_aggregation": self.secure_aggregation,
+                "value_bound": self.value_bound, "dp": self.dp, "dp_clip": self.dp_clip,
+                "dp_noise_multiplier": self.dp_noise_multiplier,
+                "dp_epsilon": self.dp_epsilon, "dp_delta": self.dp_delta}
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a federation trains: shared by the coordinator and (through the task) every site."""
 
@@ -151,6 +183,7 @@ class Plan:
     seed: int = 0
     imaging: ImagingSpec | None = None
     compression: CompressionSpec = field(default_factory=CompressionSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +223,8 @@ class Plan:
                             "topk_fraction": self.compression.topk_fraction,
                             "block": self.compression.block,
                             "zstd_level": self.compression.zstd_level},
+            # Only when set, so plans from before [privacy] keep their digest.
+            **({} if self.privacy == PrivacySpec() else {"privacy": self.privacy.to_dict()}),
         }
 
 
@@ -225,7 +260,7 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
     """Validate a plan given as data (from TOML on the coordinator, from JSON on a site)."""
     top = _Reader(file, doc, "")
     top.reject_unknown({"federation", "target", "features", "data", "model", "training",
-                        "strategy", "imaging", "compression"})
+                        "strategy", "imaging", "compression", "privacy"})
     f = top.sub("federation", required=True)
     f.reject_unknown({"id", "sites", "rounds", "min_sites", "round_deadline_s", "seed"})
     sites_raw = f.get("sites", list, required=True)
@@ -335,6 +370,8 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
             zstd_level=c.number("zstd_level", 3, lo=1, hi=19, integer=True),
         )
 
+    privacy = _privacy(top.sub("privacy"), strategy, compression)
+
     return Plan(
         federation=f.pattern("id", FEDERATION_ID_PATTERN, "federation id", ...),
         sites=tuple(sites_raw),
@@ -350,8 +387,39 @@ def plan_from_dict(doc: dict[str, Any], file: str = "<plan>") -> Plan:
         seed=f.number("seed", 0, lo=0, integer=True),
         imaging=imaging,
         compression=compression,
+        privacy=privacy,
         source=file,
     )
+
+
+def _privacy(r: _Reader | None, strategy: StrategySpec, compression: CompressionSpec
+             ) -> PrivacySpec:
+    if r is None:
+        return PrivacySpec()
+    r.reject_unknown(set(PrivacySpec().to_dict()))
+    d = PrivacySpec()
+    spec = PrivacySpec(
+        min_cell=r.number("min_cell", d.min_cell, lo=1, hi=1_000_000, integer=True),
+        secure_aggregation=r.get("secure_aggregation", bool, d.secure_aggregation),
+        value_bound=r.number("value_bound", d.value_bound, lo=1e-6, hi=1e6),
+        dp=r.choice("dp", DP_MODES, d.dp),
+        dp_clip=r.number("dp_clip", d.dp_clip, lo=1e-9, hi=1e9),
+        dp_noise_multiplier=r.number("dp_noise_multiplier", d.dp_noise_multiplier, lo=0.01,
+                                     hi=1e4),
+        dp_epsilon=r.number("dp_epsilon", d.dp_epsilon, lo=1e-3, hi=1e4),
+        dp_delta=r.number("dp_delta", d.dp_delta, lo=1e-15, hi=0.1))
+    if spec.secure_aggregation:
+        if strategy.name not in SECURE_STRATEGIES:
+            raise r.fail("secure_aggregation", f"the coordinator sees only the sum, so "
+                         f"{strategy.name} (which compares updates) cannot run; use one of "
+                         f"{', '.join(SECURE_STRATEGIES)}")
+        if compression.topk_fraction < 1.0:
+            raise r.fail("secure_aggregation", "masks cover every value, so top-k "
+                         "(compression.topk_fraction < 1) cannot be sent masked; set it to 1")
+    if spec.dp == "client" and compression.topk_fraction < 1.0:
+        raise r.fail("dp", "top-k keeps an un-noised residual at the site, which would carry "
+                     "data past the mechanism; set compression.topk_fraction to 1")
+    return spec
 
 
 def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
@@ -376,6 +444,8 @@ def plan_to_toml_dict(plan: Plan) -> dict[str, Any]:
     if d["imaging"] is not None:
         doc["imaging"] = d["imaging"]
     doc["compression"] = d["compression"]
+    if "privacy" in d:
+        doc["privacy"] = d["privacy"]
     return doc
 
 

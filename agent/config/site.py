@@ -73,6 +73,22 @@ class DicomSources:
 
 
 @dataclass(frozen=True)
+class SitePrivacy:
+    """[privacy] in a site config: what this hospital agrees to, whatever a plan asks.
+
+    Empty allow-lists accept any feature or model kind. `min_cell` raises (never lowers) the
+    plan's minimum cohort. `require_secure_aggregation` and `max_epsilon` refuse plans that
+    would show the coordinator single updates, or spend more privacy than the hospital's
+    data-protection officer agreed to (a plan without DP then is refused too)."""
+
+    allowed_features: tuple[str, ...] = ()
+    allowed_model_kinds: tuple[str, ...] = ()
+    min_cell: int = 10
+    require_secure_aggregation: bool = False
+    max_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     site_id: str
     federation: str
@@ -85,6 +101,7 @@ class SiteConfig:
     identity: IdentityFiles | None = None
     home_assistant_discovery: bool = False  # [monitoring]: announce sensors to Home Assistant
     policy: TrainingPolicy = field(default_factory=TrainingPolicy)  # [policy]: yield to clinics
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
 
 
 @dataclass(frozen=True)
@@ -157,7 +174,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     file = str(path)
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
-    top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring", "policy"})
+    top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring", "policy",
+                        "privacy"})
     mon = top.sub("monitoring")
     if mon is not None:
         mon.reject_unknown({"home_assistant_discovery"})
@@ -193,8 +211,27 @@ def load_site_config(path: str | Path) -> SiteConfig:
         home_assistant_discovery=(mon.get("home_assistant_discovery", bool, False)
                                   if mon is not None else False),
         policy=_policy(top.sub("policy")),
+        privacy=_site_privacy(top.sub("privacy")),
         source=file,
     )
+
+
+def _site_privacy(r: _Reader | None) -> SitePrivacy:
+    if r is None:
+        return SitePrivacy()
+    r.reject_unknown({"allowed_features", "allowed_model_kinds", "min_cell",
+                      "require_secure_aggregation", "max_epsilon"})
+    features = r.get("allowed_features", list, [])
+    if not all(isinstance(f, str) and COLUMN_PATTERN.fullmatch(f) for f in features):
+        raise r.fail("allowed_features", "must be a list of column names")
+    kinds = r.get("allowed_model_kinds", list, [])
+    if not all(isinstance(k, str) and k for k in kinds):
+        raise r.fail("allowed_model_kinds", "must be a list of model kind names")
+    return SitePrivacy(
+        allowed_features=tuple(features), allowed_model_kinds=tuple(kinds),
+        min_cell=r.number("min_cell", 10, lo=1, hi=1_000_000, integer=True),
+        require_secure_aggregation=r.get("require_secure_aggregation", bool, False),
+        max_epsilon=r.number("max_epsilon", None, lo=1e-3, hi=1e4))
 
 
 def _policy(r: _Reader | None) -> TrainingPolicy:

@@ -57,6 +57,7 @@ METRICS = "metrics.json"
 MAX_SAMPLES = 10**9
 STATE_RETRY_S = 5.0  # while the state directory refuses a checkpoint
 LOST_ANSWER_GRACE_S = 3.0  # a site's status may overtake the tail of its upload
+_REASON = re.compile(r"[a-z_]{1,40}(:[A-Za-z0-9_]{1,64})?")  # a site's reason for declining
 
 
 class Stopped(FedsiloError):
@@ -66,6 +67,7 @@ class Stopped(FedsiloError):
 @dataclass
 class RoundOutcome:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why it sent nothing
     seconds: float = 0.0
 
 
@@ -154,6 +156,7 @@ class Coordinator:
         self.last_error: str | None = None
         self._republish: Callable[[], int] | None = None  # the open round's task, again
         self._lost_since: dict[str, float] = {}  # site -> when it said it answered, unseen
+        self.declined: dict[str, str] = {}  # site -> why it last declined a task
         self.transport = Transport(
             f"fedsilo-{self.fed}-{config.coordinator_id}", config.broker,
             will=Will(topics.coordinator_status(self.fed),
@@ -317,6 +320,8 @@ class Coordinator:
                                      "trust_problem": self.peer.trust.problem
                                      if self.peer.trust else None,
                                      "discounted": self._last_discounted(),
+                                     "declined": ",".join(f"{s}={why}" for s, why in
+                                                          sorted(self.declined.items())),
                                      **host_vitals(self.state_dir), **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
                                retain=True)
@@ -369,8 +374,10 @@ class Coordinator:
                 self.peer.ask_whole(site, rnd, topics.coordinator_req(self.fed, site))
 
     def _collect(self, rnd: int, kind: BodyKind,
-                 on_body: Callable[[str, Manifest, bytes], dict[str, Any]]) -> RoundOutcome:
-        """Gather one body per site for this round: all sites, or a quorum at the deadline."""
+                 on_body: Callable[[str, Manifest, bytes], dict[str, Any]],
+                 expected: set[str] | None = None) -> RoundOutcome:
+        """Gather one body per site for this round: all sites (that did not decline), or a
+        quorum at the deadline."""
         self.current_round = rnd
         outcome = RoundOutcome()
         start = time.monotonic()
@@ -379,7 +386,7 @@ class Coordinator:
         connects = self.transport.connects
         self._lost_since = {}
         warned = False
-        expected = set(self.plan.sites)
+        expected = set(self.plan.sites) if expected is None else expected
         while True:
             if self.stop_event.is_set():
                 raise Stopped("stop requested")
@@ -390,7 +397,14 @@ class Coordinator:
                 elif isinstance(event, BodyReady):
                     self._take(event, rnd, kind, on_body, outcome)
             self.peer.request_missing(lambda m: topics.coordinator_req(self.fed, m.sender))
-            if set(outcome.reports) >= expected:
+            if set(outcome.reports) | set(outcome.declined) >= expected:
+                if len(outcome.reports) < min(self.plan.min_sites, len(expected)) \
+                        or not outcome.reports:
+                    raise FedsiloError(
+                        f"round {rnd}: only {len(outcome.reports)} of {len(expected)} sites "
+                        f"can take part (min_sites {self.plan.min_sites}); declined: "
+                        + ", ".join(f"{s} ({why})" for s, why in sorted(
+                            outcome.declined.items())))
                 break
             now = time.monotonic()
             self._ask_for_lost_answers(rnd, outcome, now)
@@ -420,13 +434,23 @@ class Coordinator:
         try:
             if m.round != rnd:
                 raise ProtocolError("wrong_round", f"round {m.round}, expected {rnd}")
-            if m.body_kind is not kind:
+            if m.body_kind is not kind and m.body_kind is not BodyKind.DECLINED:
                 raise ProtocolError("wrong_body_kind", m.body_kind.value)
             if m.meta.get("run") != self.run_id:
                 raise ProtocolError("wrong_run")
             if site in outcome.reports:
                 raise ProtocolError("duplicate_update", site)
+            if m.body_kind is BodyKind.DECLINED:
+                reason = m.meta.get("reason")
+                if not isinstance(reason, str) or not _REASON.fullmatch(reason):
+                    raise ProtocolError("bad_field", "reason")
+                if outcome.declined.get(site) != reason:
+                    log.warning("round %d: %s takes no part (%s)", rnd, site, reason)
+                outcome.declined[site] = reason
+                self.declined[site] = reason
+                return
             outcome.reports[site] = on_body(site, m, event.body)
+            outcome.declined.pop(site, None)
             log.debug("round %d: %s reported (%d/%d)", rnd, site, len(outcome.reports),
                       len(self.plan.sites))
         except ProtocolError as exc:
@@ -538,6 +562,7 @@ class Coordinator:
         record = {
             "round": rnd,
             "sites": sorted(outcome.reports),
+            "declined": dict(sorted(outcome.declined.items())),
             "samples": claimed,
             "train_loss": sum(r["train_loss"] * r["n_samples"] for r in outcome.reports.values())
             / claimed,
@@ -592,6 +617,7 @@ class Coordinator:
         self._broadcast(rnd, BodyKind.EVALUATE, self._task_body(), self._task_meta())
         outcome = self._collect(rnd, BodyKind.EVALUATION, take)
         final = {"round": rnd, "sites": sorted(outcome.reports),
+                 "declined": dict(sorted(outcome.declined.items())),
                  "eval": weighted_metrics(outcome.reports),
                  "per_site": {s: r.get("eval") for s, r in outcome.reports.items()}}
         return final

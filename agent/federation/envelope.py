@@ -54,6 +54,9 @@ class BodyKind(str, enum.Enum):
     EVALUATE = "evaluate"  # coordinator -> sites: final model, evaluate only
     EVALUATION = "evaluation"  # site -> coordinator: metrics only, empty body
     FINISHED = "finished"  # coordinator -> sites (control topic): the federation is over
+    DECLINED = "declined"  # site -> coordinator: takes no part in this task, and why (no data)
+    UNMASK = "unmask"  # coordinator -> sites: every masked update of the epoch is in
+    REVEAL = "reveal"  # site -> coordinator: the epoch's self-mask seed, opening only the sum
 
 
 @dataclass(frozen=True)

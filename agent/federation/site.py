@@ -78,7 +78,6 @@ class _Stopping(BaseException):
     """A stop was requested while training: unwinds to `run`, which goes offline cleanly.
     (A BaseException, like KeyboardInterrupt, so the per-task `except Exception` that keeps the
     daemon alive through a bad task does not swallow it.)"""
-MIN_PATIENTS_FOR_METRICS = 10
 
 
 @dataclass(frozen=True)
@@ -177,6 +176,7 @@ class Site:
             self.attack = armed()
             log.warning("DEMO ATTACK ARMED: this site sends %s updates (FEDSILO_DEMO_ATTACK); "
                         "never in a real federation", self.attack)
+        self.declined_reason: str | None = None  # why this site sends nothing for the plan
         self._std_images: np.ndarray | None = None
         self._image_norm_digest: str | None = None
         self.transport = Transport(
@@ -212,6 +212,7 @@ class Site:
             extra["rows_without_image"] = self.data.rows_without_image
         if self.ingest is not None:
             extra.update(self.ingest.status_extra())
+        extra["declined_reason"] = self.declined_reason
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         extra["cert_days_left"] = self.transport.cert_days_left()
         extra["last_round_ok_ts"] = self.last_round_ok_ts
@@ -355,10 +356,37 @@ class Site:
             return {}
         return {"images": self._std_images[idx]}
 
+    def _min_cell(self, plan: Plan) -> int:
+        """The smallest cohort this site reports on: the plan's, raised by the site's own."""
+        return max(plan.privacy.min_cell, self.config.privacy.min_cell)
+
+    def _refusal(self, plan: Plan) -> str | None:
+        """Why this hospital's [privacy] settings refuse the plan, or None."""
+        mine = self.config.privacy
+        if mine.allowed_features:
+            for f in plan.features:
+                if f.name not in mine.allowed_features:
+                    return f"feature_not_allowed:{f.name}"
+        if mine.allowed_model_kinds and plan.model.kind not in mine.allowed_model_kinds:
+            return f"model_kind_not_allowed:{plan.model.kind}"
+        if mine.require_secure_aggregation and not plan.privacy.secure_aggregation:
+            return "secure_aggregation_required"
+        if mine.max_epsilon is not None and (plan.privacy.dp == "none"
+                                             or plan.privacy.dp_epsilon > mine.max_epsilon):
+            return "privacy_budget_not_allowed"
+        return None
+
+    def _decline(self, m: Manifest, reason: str) -> None:
+        """Answer a task with nothing but why: the coordinator stops waiting for this site."""
+        if reason != self.declined_reason:
+            log.warning("round %d: this site takes no part (%s)", m.round, reason)
+        self.declined_reason = reason
+        self._reply(m, BodyKind.DECLINED, b"", {"reason": reason})
+
     def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
-        assert self.data is not None
+        assert self.data is not None and self.plan is not None
         idx = self.data.holdout
-        if idx.size < MIN_PATIENTS_FOR_METRICS:
+        if idx.size < self._min_cell(self.plan):
             # Metrics on a handful of patients say too much about each of them: suppressed.
             return {"n": 0, "loss": None, "auc": None, "accuracy": None,
                     "reason": "too_few_patients"}
@@ -403,7 +431,16 @@ class Site:
         if plan.imaging is not None and self.ingest is not None:
             self.ingest.set_imaging(plan.imaging)  # series waiting for a grid complete now
         self.round = m.round
+        refusal = self._refusal(plan)
+        if refusal is not None:
+            self._decline(m, refusal)
+            return
         data = self._ensure_data(plan)
+        if data.train.size < self._min_cell(plan):
+            # Sums over a handful of rows are those patients' values (or one patient's CT).
+            self._decline(m, "below_min_cell")
+            return
+        self.declined_reason = None
         if m.body_kind is BodyKind.STATS_TASK:
             self.state = State.STATS
             vector = local_moments(data.x[data.train]).to_vector()
