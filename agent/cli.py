@@ -214,6 +214,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from agent.privacy.ledgercli import run_ledger
+
+    return run_ledger(state_dir=args.state_dir, config=args.config, verify=args.verify,
+                      as_json=args.json, since=args.since)
+
+
 def _cmd_warm_cache(args: argparse.Namespace) -> int:
     from agent.ingest import dicom_native
     from agent.learn.warm import warm_kernels
@@ -466,6 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("metrics", help="the coordinator's metrics.json (or its state directory)")
     rep.add_argument("--out", help="HTML file to write (default: report.html beside it)")
     rep.set_defaults(func=_cmd_report)
+
+    led = sub.add_parser("ledger", help="the site's privacy ledger: everything that left it, "
+                                        "hash-chained (docs/privacy.md)")
+    where = led.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", help="the site's state directory")
+    where.add_argument("--config", help="the site config TOML (its state_dir)")
+    led.add_argument("--verify", action="store_true",
+                     help="check the chain: exit 0 when intact, 1 naming the first bad entry")
+    led.add_argument("--json", action="store_true",
+                     help="the entries as recorded, one JSON object a line (with --verify: "
+                          "the check as one JSON object)")
+    led.add_argument("--since", type=int, metavar="ROUND",
+                     help="only entries of round ROUND and later")
+    led.set_defaults(func=_cmd_ledger)
 
     warm = sub.add_parser("warm-cache", help="compile the Numba kernels into the cache (run at "
                                              "install, with NUMBA_CACHE_DIR set as the service)")
