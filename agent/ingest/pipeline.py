@@ -63,6 +63,7 @@ from agent.ingest.quarantine import (
 from agent.ingest.reader import read_image
 from agent.ingest.series import check_series
 from agent.ingest.tree_pool import Result, TreePool
+from agent.ops.logsetup import add_private_root
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,12 @@ class IngestPipeline:
     def ingest_tree(self, root: Path, *, progress: bool = False,
                     stream: TextIO | None = None) -> dict[str, Any]:
         """Every file under `root` (or a single file; a DICOMDIR file brings the files it
-        lists). Symbolic links and hidden files are not followed. Returns `summary()`."""
+        lists). Symbolic links and hidden files are not followed. Returns `summary()`.
+
+        `root` becomes a private root of the logs: names below it are the exporter's, often
+        patients' (agent.ops.logsetup.add_private_root)."""
         root = Path(root)
+        add_private_root(root)
         files = _tree_files(root)
         bar = _Progress(len(files), stream or sys.stderr, sum(self._files.values())) \
             if progress else None
@@ -389,18 +394,17 @@ def _listed_files(path: Path) -> list[Path]:
             listing = dicomdir_files(path)
     except Exception:  # noqa: BLE001 - not readable as DICOM: ingested (and judged) alone
         if path.name.upper() == "DICOMDIR":
-            log.warning("%s: could not read the DICOMDIR's file list; ingesting it alone",
-                        path.name)
+            log.warning("could not read a DICOMDIR's file list; ingesting it alone")
         return []
     if listing is None:
         return []
-    log.info("%s is a DICOMDIR: ingesting the %d files it lists", path.name,
+    log.info("the file given is a DICOMDIR: ingesting the %d files it lists",
              len(listing.files))
     if listing.outside or listing.missing:
-        log.warning("%s: %d references leave its folder (not followed), %d name files that "
-                    "are not there", path.name, listing.outside, listing.missing)
+        log.warning("the DICOMDIR: %d references leave its folder (not followed), %d name files "
+                    "that are not there", listing.outside, listing.missing)
     if not listing.records:
-        log.warning("%s: a DICOMDIR that lists no files; give the folder instead", path.name)
+        log.warning("a DICOMDIR that lists no files; give the folder instead")
     return listing.files
 
 

@@ -19,6 +19,11 @@ Why it looks like this:
   quarantined (see service.py).
 - Permission errors, files vanishing mid-way and a missing or unmounted folder are logged once
   and retried; the thread never dies of them.
+- Names below the folder are PHI (exporters name folders and files after patients): our
+  messages never name a file or sub-folder ("a file in the watch folder"; a taken file by the
+  random name it gets), and the folder is registered as a private root of the logs
+  (`agent.ops.logsetup.add_private_root`), so what an exception message quotes from below it
+  is redacted too. The folder itself is named: IT configured it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.ops.atomic import fsync_dir
+from agent.ops.logsetup import add_private_root
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ class WatchFolder:
         if poll_s <= 0 or settle_s < 0:
             raise ValueError("poll_s must be > 0 and settle_s >= 0")
         self.watch_dir = Path(watch_dir)
+        add_private_root(self.watch_dir)  # names below it are patients' (module docstring)
         self.incoming_dir = Path(incoming_dir)
         self.on_file = on_file
         self.poll_s = poll_s
@@ -138,7 +145,8 @@ class WatchFolder:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                self._warn_once(f"stat:{path}", "watch folder: cannot stat %s (%s)", path, exc)
+                self._warn_once(f"stat:{path}", "watch folder: cannot stat a file (%s)",
+                                _why(exc))
                 continue
             if not stat.S_ISREG(st.st_mode):  # symlinks, fifos, sockets: never follow or move
                 continue
@@ -155,9 +163,9 @@ class WatchFolder:
                 break
             if path in writing:
                 if now - prev.since >= RETRY_AFTER_S:
-                    self._warn_once(f"open:{path}", "watch folder: %s has not changed for %.0f s "
-                                    "but a process still holds it open for writing; it is "
-                                    "taken once closed", path, now - prev.since)
+                    self._warn_once(f"open:{path}", "watch folder: a file has not changed for "
+                                    "%.0f s but a process still holds it open for writing; it "
+                                    "is taken once closed", now - prev.since)
                 continue
             handed += self._take(path, prev, now)
         for gone in self._seen.keys() - present:
@@ -171,8 +179,9 @@ class WatchFolder:
 
         def onerror(exc: OSError) -> None:
             where = exc.filename or self.watch_dir
-            self._warn_once(f"walk:{where}", "watch folder: cannot read %s (%s)", where,
-                            exc.strerror or type(exc).__name__)
+            what = "it" if os.fspath(where) == os.fspath(self.watch_dir) else "a sub-folder of it"
+            self._warn_once(f"walk:{where}", "watch folder %s: cannot read %s (%s)",
+                            self.watch_dir, what, _why(exc))
 
         for root, dirs, files in os.walk(self.watch_dir, onerror=onerror):
             dirs[:] = [d for d in dirs if not d.startswith(".")
@@ -193,13 +202,13 @@ class WatchFolder:
             move_file(path, dest)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
-                log.debug("watch folder: %s vanished before it could be moved", path)
+                log.debug("watch folder: a file vanished before it could be moved")
                 self._seen.pop(path, None)
                 return 0
             self._retry_at[path] = now + max(RETRY_AFTER_S, self.settle_s)
-            self._warn_once(f"move:{path}", "watch folder: cannot move %s into %s (%s); will "
-                            "retry every %.0f s", path, self.incoming_dir,
-                            exc.strerror or type(exc).__name__, RETRY_AFTER_S)
+            self._warn_once(f"move:{path}", "watch folder: cannot move a file into %s (%s); "
+                            "will retry every %.0f s", self.incoming_dir, _why(exc),
+                            RETRY_AFTER_S)
             return 0
         self._seen.pop(path, None)
         self._retry_at.pop(path, None)
@@ -296,6 +305,11 @@ def _copy_across(src: Path, dest: Path) -> None:
     except OSError:
         unlink_quietly(dest)  # not handed over yet: better than ingesting it twice
         raise
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's reason without its file names (`str(exc)` quotes the paths)."""
+    return exc.strerror or type(exc).__name__
 
 
 def _resolved(path: Path) -> Path:
