@@ -17,7 +17,7 @@ from pathlib import Path
 
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_kernels_codec.py",
                 "tests/test_kernels_conv.py", "tests/test_kernels_imaging.py",
-                "tests/test_kernels_gpu.py"]
+                "tests/test_kernels_gpu.py", "tests/test_kernels_privacy.py"]
 
 
 def main() -> int:

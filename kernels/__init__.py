@@ -43,6 +43,8 @@ KERNEL_NAMES = (
     "pairwise_sq_distances",
     "l2_norms",
     "clip_to_norm",
+    "mask_accumulate",
+    "clip_rows_sum",
 )
 BACKEND_NAMES = ("reference", "cpu", "gpu")
 

@@ -375,6 +375,7 @@ from kernels.cpu_conv import (  # noqa: E402, F401
     maxpool2_forward,
 )
 from kernels.cpu_imaging import preprocess_slice, resample_depth  # noqa: E402, F401
+from kernels.cpu_privacy import clip_rows_sum, mask_accumulate  # noqa: E402, F401
 from kernels.cpu_robust import (  # noqa: E402, F401
     clip_to_norm,
     coordinate_median,

@@ -284,6 +284,7 @@ from kernels.gpu_conv import (  # noqa: E402, F401
     maxpool2_forward,
 )
 from kernels.gpu_imaging import preprocess_slice, resample_depth  # noqa: E402, F401
+from kernels.gpu_privacy import clip_rows_sum, mask_accumulate  # noqa: E402, F401
 from kernels.gpu_robust import (  # noqa: E402, F401
     clip_to_norm,
     coordinate_median,

@@ -190,6 +190,7 @@ from kernels.ref_conv import (  # noqa: E402, F401
     maxpool2_forward,
 )
 from kernels.ref_imaging import preprocess_slice, resample_depth  # noqa: E402, F401
+from kernels.ref_privacy import clip_rows_sum, mask_accumulate  # noqa: E402, F401
 from kernels.ref_robust import (  # noqa: E402, F401
     clip_to_norm,
     coordinate_median,
