@@ -51,12 +51,16 @@ def _exercise_codec(k: ModuleType, x: np.ndarray) -> None:
 
 
 def _exercise_robust(k: ModuleType, x: np.ndarray) -> None:
-    """The robust aggregation kernels on three sites' updates of x's size."""
+    """The robust aggregation and privacy kernels on three sites' updates of x's size."""
     u = np.stack([x, -x, 0.5 * x])
     k.coordinate_median(u)
     k.trimmed_mean(u, 1)
     k.pairwise_sq_distances(u)
     k.clip_to_norm(x.copy(), 1.0)
+    # privacy: secure aggregation's masks, DP-SGD's per-example clipping
+    k.mask_accumulate(np.zeros(x.size, np.uint32), np.zeros((2, 32), np.uint8),
+                      np.array([1, -1], np.int32))
+    k.clip_rows_sum(u, 1.0)
 
 
 def _exercise_imaging(k: ModuleType, n: int) -> None:
