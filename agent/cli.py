@@ -83,10 +83,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                          out=Path(args.out))
         return 0
     from agent.config import StrategySpec
-    from agent.demo.run import run_demo
+    from agent.demo.run import demo_privacy, run_demo
 
+    if args.dp_epsilon is not None and not 0.01 <= args.dp_epsilon <= 1000:
+        raise ConfigError("fedsilo demo", "--dp-epsilon", "must be between 0.01 and 1000")
     run_demo(sites=args.sites, rounds=args.rounds, seed=args.seed, out=Path(args.out),
-             strategy=StrategySpec(name=args.strategy), attack=args.attack)
+             strategy=StrategySpec(name=args.strategy), attack=args.attack,
+             privacy=demo_privacy(args.secure, args.dp_epsilon, args.rounds))
     return 0
 
 
@@ -363,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.config import STRATEGIES
     from agent.demo.attack import ATTACKS
 
+    demo.add_argument("--secure", action="store_true",
+                      help="secure aggregation: the coordinator sees only the masked sum")
+    demo.add_argument("--dp-epsilon", type=float, default=None, metavar="X",
+                      help="client-level differential privacy with budget epsilon X (delta "
+                           "1e-5); the demo prints the epsilon spent")
     demo.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
                       help="how the coordinator combines updates (default fedavg; "
                            "docs/strategies.md)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import threading
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -107,3 +109,159 @@ def test_sites_below_min_cell_or_refusing_the_plan_send_nothing_but_why(tmp_path
         assert "metrics" not in " ".join(m.topic for m in recorder.messages
                                          if f"/site/{site}/" in m.topic)
     assert recorder.status_of("north")["declined_reason"] is None
+
+
+def _recorded_bodies(recorder: Recorder, site: str, kind: str) -> list[tuple[dict, bytes]]:
+    """(manifest header, whole body) of every `kind` a site published, rebuilt from chunks."""
+    from agent.federation.envelope import decode
+
+    chunks: dict[tuple[str, int], bytes] = {}
+    heads = []
+    prefix = f"fedsilo/v1/{FED}/site/{site}/"
+    with recorder.lock:
+        msgs = list(recorder.messages)
+    for msg in msgs:
+        if not msg.topic.startswith(prefix) or not msg.payload:
+            continue
+        env = decode(msg.payload, max_body=1 << 30)
+        if "/manifest" in msg.topic and env.header["body_kind"] == kind:
+            heads.append(env.header)
+        elif "/chunk/" in msg.topic:
+            chunks[env.header["nonce"], env.header["index"]] = env.body
+    out = []
+    for h in heads:
+        body = b"".join(chunks.get((h["nonce"], i), b"") for i in range(len(h["chunk_digests"])))
+        if len(body) == h["body_len"]:
+            out.append((h, body))
+    return out
+
+
+def _secure_plan(features, names, **privacy):
+    from agent.config import CompressionSpec, PrivacySpec
+
+    return dataclasses.replace(
+        plan_for(features, names, rounds=3, min_sites=2, deadline=8.0),
+        compression=CompressionSpec(quantize="int8"),
+        privacy=PrivacySpec(**privacy))
+
+
+def _dealt_tables(tables, directory, k: int):
+    """The rows of the harness's tables dealt round-robin into k tables."""
+    rows, header = [], None
+    for t in tables:
+        with open(t, newline="") as fh:
+            lines = list(csv.reader(fh))
+        header = lines[0]
+        rows += lines[1:]
+    out = []
+    for i in range(k):
+        path = directory / f"dealt{i}.csv"
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows([header, *rows[i::k]])
+        out.append(path)
+    return out
+
+
+def test_secure_rounds_survive_sites_lost_before_and_after_their_upload_and_open_only_sums(
+        tmp_path, mosquitto):
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["central", "east", "north", "south", "west"]
+    tables = _dealt_tables(tables, tmp_path / "data", len(names))
+    plan = _secure_plan(features, names, secure_aggregation=True)
+    recorder = Recorder(mosquitto.port)
+    # west is killed (SIGKILL) right after its round-2 masked update went out, before it
+    # could give its self-mask secret: recovered from its peers' Shamir shares. east is killed
+    # in round 3 after masking, before sending: the round is run again among the others.
+    crash = {"west": "site.residual_saved:4", "east": "site.masked:3"}
+    procs = []
+    for name, table in zip(names, tables, strict=True):
+        cfg = write_site_config(tmp_path / "sites", name, FED, mosquitto.port, table)
+        env = {"FEDSILO_TEST_CRASH_AT": crash[name]} if name in crash else None
+        procs.append(start_site(cfg, tmp_path / f"{name}.log", env=env))
+    rounds: list[dict] = []
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=rounds.append).start()
+    final = coord.join(timeout=240)
+    codes = stop_all(procs)
+    recorder.close()
+    assert dict(zip(names, codes, strict=True)) == {"central": 0, "east": -9, "north": 0,
+                                                    "south": 0, "west": -9}
+    epochs = [r["secure"]["epochs"] for r in rounds]
+    assert [len(e) for e in epochs] == [1, 1, 2]
+    assert epochs[0][0]["recovered"] == []
+    assert epochs[1][0]["arrived"] == names and epochs[1][0]["recovered"] == ["west"]
+    assert epochs[2][0]["members"] == names
+    assert epochs[2][0]["arrived"] == ["central", "north", "south"]
+    assert epochs[2][1]["members"] == epochs[2][1]["arrived"] == ["central", "north", "south"]
+    assert rounds[1]["sites"] == names and rounds[2]["sites"] == ["central", "north", "south"]
+    assert final["eval"]["auc"] > 0.9  # the masked sums trained a real model
+    # Every masked update on the wire is uniform noise; seeds were revealed only for the
+    # epochs that completed, so no single update (nor a partial sum) could be opened.
+    from tests.test_secagg import _chi_square_p
+
+    revealed_epochs = set()
+    for site in names:
+        for head, body in _recorded_bodies(recorder, site, "update"):
+            assert head["meta"]["update"]["codec"] == "masked"
+            lane = np.frombuffer(body, np.uint8)
+            assert _chi_square_p(np.bincount(lane, minlength=256)) > 1e-6
+        for head, _ in _recorded_bodies(recorder, site, "reveal"):
+            revealed_epochs.add((head["round"], head["meta"]["epoch"]))
+    completed = {(r["round"], r["secure"]["epochs"][-1]["epoch"]) for r in rounds}
+    assert revealed_epochs == completed
+    # what the coordinator kept: the global model and its checkpoint, no update of anyone
+    kept = sorted(p.name for p in (tmp_path / "coord").iterdir())
+    assert all(not n.startswith(("update", "site")) for n in kept), kept
+
+
+def test_client_dp_clips_every_update_counts_epsilon_and_stops_at_the_budget(tmp_path,
+                                                                             mosquitto):
+    from agent.privacy.accountant import PrivacyAccountant
+
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south", "east"]
+    sigma, clip, delta = 1.5, 0.2, 1e-5
+    acc = PrivacyAccountant()
+    for _ in range(2):
+        acc.step(sigma)
+    two = acc.epsilon(delta)[0]
+    plan = dataclasses.replace(
+        _secure_plan(features, names, dp="client", dp_clip=clip, dp_noise_multiplier=sigma,
+                     dp_epsilon=two * 1.01, dp_delta=delta), rounds=5)
+    recorder = Recorder(mosquitto.port)
+    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
+                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    rounds: list[dict] = []
+    coord = CoordinatorThread(plan, mosquitto.port, tmp_path / "coord",
+                              on_round=rounds.append).start()
+    final = coord.join(timeout=180)
+    assert stop_all(procs) == [0, 0, 0]
+    recorder.close()
+    assert [r["round"] for r in rounds] == [1, 2]  # a third round would exceed the budget
+    assert rounds[-1]["epsilon"] == pytest.approx(two, rel=1e-9)
+    assert final["sites"] == sorted(names)
+    checkpoint = json.loads((tmp_path / "coord" / "checkpoint.json").read_text())
+    assert set(checkpoint["privacy_accountants"]) == {"federation"}
+    import kernels
+    from agent.federation.aggregate import accumulate_update
+
+    k = kernels.get_backend("cpu")
+    norms = []
+    for site in names:
+        sent = _recorded_bodies(recorder, site, "update")
+        assert len(sent) == 2
+        for head, body in sent:
+            v = np.zeros(head["meta"]["update"]["n"], dtype=np.float32)
+            accumulate_update(v, 1.0, body, head["meta"]["update"], plan.compression, k)
+            norms.append(float(np.linalg.norm(v.astype(np.float64))))
+    assert max(norms) <= clip * (1 + 1e-6)
+    assert max(norms) > clip * 0.5  # the bound was reached: clipping really happened
+    # each site's ledger records its two updates with the epsilon they brought it to
+    from agent.privacy.ledger import Ledger
+
+    for site in names:
+        entries = list(Ledger.for_state_dir(tmp_path / "sites" / site).entries())
+        ups = [e for e in entries if e["kind"] == "update"]
+        assert [e["round"] for e in ups] == [1, 2]
+        assert ups[-1]["epsilon"] == pytest.approx(two, rel=1e-9)
+        assert {e["kind"] for e in entries} >= {"stats", "update", "metrics", "evaluation"}

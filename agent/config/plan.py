@@ -416,6 +416,9 @@ def _privacy(r: _Reader | None, strategy: StrategySpec, compression: Compression
         if compression.topk_fraction < 1.0:
             raise r.fail("secure_aggregation", "masks cover every value, so top-k "
                          "(compression.topk_fraction < 1) cannot be sent masked; set it to 1")
+    if spec.dp == "client" and strategy.name not in SECURE_STRATEGIES:
+        raise r.fail("dp", f"the noise is calibrated to a mean of clipped updates; "
+                     f"{strategy.name} is not one: use one of {', '.join(SECURE_STRATEGIES)}")
     if spec.dp == "client" and compression.topk_fraction < 1.0:
         raise r.fail("dp", "top-k keeps an un-noised residual at the site, which would carry "
                      "data past the mechanism; set compression.topk_fraction to 1")

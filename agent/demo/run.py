@@ -32,6 +32,7 @@ from agent.config import (
     IdentityFiles,
     ModelSpec,
     Plan,
+    PrivacySpec,
     StrategySpec,
     TrainingSpec,
     plan_to_toml_dict,
@@ -54,6 +55,8 @@ from agent.security.pki import PKI
 # The imaging demo and the federation benchmark keep `demo_plan`'s logistic model.
 DEMO_MODEL = ModelSpec(kind="mlp", hidden=(32,))
 DEMO_COMPRESSION = CompressionSpec(quantize="int8", topk_fraction=0.05)
+DEMO_PRIVATE_COMPRESSION = CompressionSpec(quantize="int8")  # masks and noise cover every value
+DEMO_DP_CLIP = 0.5  # L2 bound of one hospital's round update (typical norms: 0.1-0.6)
 
 
 def demo_plan(site_names: list[str], rounds: int, seed: int) -> Plan:
@@ -203,18 +206,38 @@ def coordinator_for(files: DemoFiles, port: int, *, state_name: str = "coordinat
     return Coordinator(config, files.plan, **kwargs)
 
 
+def demo_privacy(secure: bool, dp_epsilon: float | None, rounds: int) -> PrivacySpec:
+    """`--secure` and `--dp-epsilon X`: the noise is the least that lets every round fit X."""
+    if dp_epsilon is None:
+        return PrivacySpec(secure_aggregation=secure)
+    from agent.privacy.accountant import noise_multiplier_for_budget
+
+    delta = PrivacySpec().dp_delta
+    sigma = noise_multiplier_for_budget(dp_epsilon, delta, rounds)
+    return PrivacySpec(secure_aggregation=secure, dp="client", dp_clip=DEMO_DP_CLIP,
+                       dp_noise_multiplier=sigma, dp_epsilon=dp_epsilon, dp_delta=delta)
+
+
 def run_demo(*, sites: int, rounds: int, seed: int, out: Path,
-             strategy: StrategySpec | None = None, attack: str | None = None
-             ) -> dict[str, Any]:
+             strategy: StrategySpec | None = None, attack: str | None = None,
+             privacy: PrivacySpec | None = None) -> dict[str, Any]:
     """The whole demo federation; `attack` makes the last hospital misbehave, to show what
-    the plan's `strategy` does about it."""
+    the plan's `strategy` does about it; `privacy` turns on secure aggregation and DP (the
+    updates are then int8 without top-k: masks and DP noise cover every value)."""
     t0 = time.monotonic()
     strategy = strategy or StrategySpec()
+    privacy = privacy or PrivacySpec()
+    private = privacy.secure_aggregation or privacy.dp != "none"
     print(f"fedsilo demo: {sites} hospitals, {rounds} rounds, seed {seed}, output {out}, "
-          f"strategy {strategy.name}")
+          f"strategy {strategy.name}"
+          + (", secure aggregation" if privacy.secure_aggregation else "")
+          + (f", client-level DP (epsilon budget {privacy.dp_epsilon:g}, delta "
+             f"{privacy.dp_delta:g}, noise multiplier {privacy.dp_noise_multiplier:.3f}, "
+             f"clip {privacy.dp_clip:g})" if privacy.dp != "none" else ""))
     logging.getLogger("agent").setLevel(logging.WARNING)  # the round lines are the progress
     files = prepare_demo(out, sites=sites, rounds=rounds, seed=seed, model=DEMO_MODEL,
-                         compression=DEMO_COMPRESSION, strategy=strategy)
+                         compression=DEMO_PRIVATE_COMPRESSION if private
+                         else DEMO_COMPRESSION, strategy=strategy, privacy=privacy)
     attacker = (files.profiles[-1].name, attack) if attack else None
     if attacker:
         print(f"  {attacker[0]} will send {attack} updates (a misbehaving hospital)")
@@ -237,6 +260,9 @@ def run_demo(*, sites: int, rounds: int, seed: int, out: Path,
     summary["attack"] = {"site": attacker[0], "kind": attacker[1]} if attacker else None
     summary["discounted"] = {h["round"]: h.get("discounted", {}) for h in coordinator.history
                              if "round" in h and h.get("discounted")}
+    summary["privacy"] = {**privacy.to_dict(), "rounds_trained": sum(
+        1 for h in coordinator.history if "round" in h and "final" not in h),
+        "epsilon_spent": coordinator.history_epsilon()}
     (files.out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = write_report(files.out / "coordinator" / "metrics.json", files.out / "report.html")
     _print_summary(summary, files.out)
@@ -302,6 +328,14 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
               f"{s['attack']['kind']} updates: federated AUC {s['federated_auc']:.3f}; "
               f"discounted in {len(s['discounted'])} of {s['rounds']} rounds: "
               f"{', '.join(flagged) or 'none'}")
+    pv = s.get("privacy") or {}
+    if pv.get("secure_aggregation"):
+        print("\nsecure aggregation: the coordinator saw only the masked sum of each round's "
+              "updates")
+    if pv.get("dp", "none") != "none":
+        print(f"differential privacy ({pv['dp']} level): epsilon spent "
+              f"{pv['epsilon_spent']:.3f} of {pv['dp_epsilon']:g} (delta {pv['dp_delta']:g}) in "
+              f"{pv['rounds_trained']} rounds; federated AUC {s['federated_auc']:.3f}")
     c = s["compression"]
     print(f"\nupdates: {c['quantize']}, top-k fraction {c['topk_fraction']:g}, zstd "
           f"{c['zstd_level']}: {c['ratio']:.1f}x fewer bytes than float32 ({c['raw_bytes']})")

@@ -9,6 +9,7 @@ only sequences messages.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
@@ -46,6 +47,7 @@ from agent.ops.crashpoints import crash_point
 from agent.ops.sdnotify import Notifier
 from agent.ops.statedir import StateError, describe, ensure_writable
 from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
+from agent.privacy import secagg
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,9 @@ class Coordinator:
         self._republish: Callable[[], int] | None = None  # the open round's task, again
         self._lost_since: dict[str, float] = {}  # site -> when it said it answered, unseen
         self.declined: dict[str, str] = {}  # site -> why it last declined a task
+        self.secagg_keys: dict[str, dict[str, Any]] = {}  # site -> its signed masking key
+        self._last_epoch = 0  # of secure aggregation: each epoch's number is later
+        self.accountants: dict[str, Any] = {}  # name -> PrivacyAccountant; never reset
         self.transport = Transport(
             f"fedsilo-{self.fed}-{config.coordinator_id}", config.broker,
             will=Will(topics.coordinator_status(self.fed),
@@ -164,7 +169,8 @@ class Coordinator:
                                      federation=self.fed, reason="connection_lost")),
             subscriptions=topics.coordinator_subscriptions(self.fed))
         max_body = max(max_body_len(self.layout.size, plan.compression),
-                       (len(self.columns) + self._image_voxels()) * 3 * 8)
+                       (len(self.columns) + self._image_voxels()) * 3 * 8,
+                       4 * self.layout.size if plan.privacy.secure_aggregation else 0)
         self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
                          accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
                                                      "coordinator"))
@@ -194,6 +200,17 @@ class Coordinator:
         self.history = doc["history"]
         self.image_norm = self._read_state_vector(doc, "image_norm")
         self.site_rows = {str(k): int(v) for k, v in doc.get("site_rows", {}).items()}
+        self.secagg_keys = dict(doc.get("secagg_keys", {}))
+        self._last_epoch = int(doc.get("last_epoch", 0))
+        try:
+            self.accountants = {str(k): _accountant(v)
+                                for k, v in doc.get("privacy_accountants", {}).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise FedsiloError(f"{path}: privacy accountant state unusable ({exc}); the "
+                               "privacy spent cannot be known, so the federation stops") from None
+        if self.plan.privacy.dp != "none" and self.history and not self.accountants:
+            raise FedsiloError(f"{path}: rounds were trained with DP but the checkpoint has no "
+                               "privacy accountant state")
         state = doc.get("strategy_state", {})
         if not isinstance(state, dict):
             raise FedsiloError(f"{path}: strategy_state is not an object")
@@ -283,6 +300,8 @@ class Coordinator:
             "params_file": params_file, "params_sha256": params_sha,
             "image_norm_file": norm_file, "image_norm_sha256": norm_sha,
             "strategy_state": strategy_state, "site_rows": self.site_rows,
+            "secagg_keys": self.secagg_keys, "last_epoch": self._last_epoch,
+            "privacy_accountants": {k: a.to_dict() for k, a in self.accountants.items()},
             "mean": self.mean.tolist(), "scale": self.scale.tolist(), "history": self.history})
         crash_point("coordinator.checkpoint_written")
         keep = {params_file, norm_file, *(v["vector_file"] for v in strategy_state.values())}
@@ -375,7 +394,7 @@ class Coordinator:
 
     def _collect(self, rnd: int, kind: BodyKind,
                  on_body: Callable[[str, Manifest, bytes], dict[str, Any]],
-                 expected: set[str] | None = None) -> RoundOutcome:
+                 expected: set[str] | None = None, quorum: int | None = None) -> RoundOutcome:
         """Gather one body per site for this round: all sites (that did not decline), or a
         quorum at the deadline."""
         self.current_round = rnd
@@ -387,6 +406,7 @@ class Coordinator:
         self._lost_since = {}
         warned = False
         expected = set(self.plan.sites) if expected is None else expected
+        quorum = self.plan.min_sites if quorum is None else quorum
         while True:
             if self.stop_event.is_set():
                 raise Stopped("stop requested")
@@ -398,7 +418,7 @@ class Coordinator:
                     self._take(event, rnd, kind, on_body, outcome)
             self.peer.request_missing(lambda m: topics.coordinator_req(self.fed, m.sender))
             if set(outcome.reports) | set(outcome.declined) >= expected:
-                if len(outcome.reports) < min(self.plan.min_sites, len(expected)) \
+                if len(outcome.reports) < min(quorum, len(expected)) \
                         or not outcome.reports:
                     raise FedsiloError(
                         f"round {rnd}: only {len(outcome.reports)} of {len(expected)} sites "
@@ -411,7 +431,7 @@ class Coordinator:
             if self.transport.connects != connects and self.transport.connected:
                 connects = self.transport.connects
                 self._publish_task_again(rnd, "reconnected to the broker")
-            if now >= deadline and len(outcome.reports) >= self.plan.min_sites:
+            if now >= deadline and len(outcome.reports) >= quorum:
                 log.info("round %d deadline: closing with %d of %d sites", rnd,
                          len(outcome.reports), len(expected))
                 break
@@ -448,9 +468,12 @@ class Coordinator:
                     log.warning("round %d: %s takes no part (%s)", rnd, site, reason)
                 outcome.declined[site] = reason
                 self.declined[site] = reason
+                if reason == "not_a_member" and self.plan.privacy.secure_aggregation:
+                    self._register_key(site, m.meta.get("secagg_key"))
                 return
             outcome.reports[site] = on_body(site, m, event.body)
             outcome.declined.pop(site, None)
+            self.declined.pop(site, None)
             log.debug("round %d: %s reported (%d/%d)", rnd, site, len(outcome.reports),
                       len(self.plan.sites))
         except ProtocolError as exc:
@@ -487,6 +510,8 @@ class Coordinator:
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             if site not in streams or body:
                 raise ProtocolError("not_streamed", site)
+            if self.plan.privacy.secure_aggregation:
+                self._register_key(site, m.meta.get("secagg_key"))
             return {"n": int(streams[site].stream.largest_count)}
 
         self.peer.open_stream = open_stream
@@ -508,10 +533,22 @@ class Coordinator:
     def _train_round(self, rnd: int) -> None:
         self.state = State.COLLECTING
         self._publish_status()
+        caps = weight_caps(self.site_rows, self.plan.strategy.max_weight_fraction)
+        t_open = time.monotonic()
+        if self.plan.privacy.secure_aggregation:
+            outcome, weights, sent, extra = self._secure_round(rnd, caps)
+        else:
+            outcome, weights, sent, extra = self._plain_round(rnd, caps)
+        self._close_round(rnd, outcome, weights, sent, extra, time.monotonic() - t_open)
+
+    def _plain_round(self, rnd: int, caps: dict[str, float]
+                     ) -> tuple[RoundOutcome, dict[str, float], int, dict[str, Any]]:
+        """Updates streamed into the strategy's aggregation; with client-level DP every site
+        weighs 1 and the coordinator adds the noise to the sum."""
         agg = self.strategy.new_round(rnd)
         opened: dict[str, UpdateStream] = {}
         weights: dict[str, float] = {}
-        caps = weight_caps(self.site_rows, self.plan.strategy.max_weight_fraction)
+        dp = self.plan.privacy.dp == "client"
 
         def open_stream(topic: Topic, m: Manifest) -> UpdateStream | None:
             """Each site's update goes into the sum frame by frame as its chunks arrive; what
@@ -534,7 +571,7 @@ class Coordinator:
             # The weight a site claims is capped: at what it declared in round 0 (a site that
             # missed it: the largest declared) and at the plan's max_weight_fraction.
             cap = caps.get(site, max(caps.values(), default=float(report["n_samples"])))
-            weights[site] = min(float(report["n_samples"]), cap)
+            weights[site] = 1.0 if dp else min(float(report["n_samples"]), cap)
             stream = agg.open_update(site, codec, weights[site], m.body_len)
             opened[site] = stream
             return stream
@@ -548,15 +585,31 @@ class Coordinator:
 
         self.peer.open_stream = open_stream
         try:
-            t_open = time.monotonic()
-            sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(), self._task_meta())
+            sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(), self._task_meta(rnd))
             outcome = self._collect(rnd, BodyKind.UPDATE, take)
         finally:
             self.peer.open_stream = None
         crash_point("coordinator.updates_collected")
         self.state = State.AGGREGATING
-        self.params = agg.finalize(self.params)
-        wall = time.monotonic() - t_open
+        if dp:
+            mean = agg.mean_update(self.params)
+            k = len(outcome.reports)
+            p = self.plan.privacy
+            self._spend_privacy(outcome)
+            from agent.privacy.dp import gaussian_noise, secure_rng
+
+            mean += gaussian_noise(mean.size, p.dp_noise_multiplier * p.dp_clip / k,
+                                   secure_rng())
+            self.params = self.strategy.apply_mean(self.params, mean)
+        else:
+            if self.plan.privacy.dp == "sample":
+                self._spend_privacy(outcome)
+            self.params = agg.finalize(self.params)
+        return outcome, weights, sent, {"partial": agg.partial(),
+                                        "discounted": dict(sorted(agg.discounted.items()))}
+
+    def _close_round(self, rnd: int, outcome: RoundOutcome, weights: dict[str, float],
+                     sent: int, extra: dict[str, Any], wall: float) -> None:
         slowest = max(r["train_seconds"] for r in outcome.reports.values())
         claimed = sum(r["n_samples"] for r in outcome.reports.values())
         record = {
@@ -577,22 +630,26 @@ class Coordinator:
             "overhead_s": wall - slowest,
             "bytes_sent": sent,
             "bytes_received": sum(r["bytes_received"] for r in outcome.reports.values()),
-            # sites whose update stopped part way: share of the parameters it reached
-            "partial": agg.partial(),
             "strategy": self.plan.strategy.name,
             "model_sha256": hashlib.sha256(self.params.astype("<f4").tobytes()).hexdigest(),
-            # sites the strategy counted less or not at all this round, and why
-            "discounted": dict(sorted(agg.discounted.items())),
+            # partial: sites whose update stopped part way (share of the parameters reached);
+            # discounted: sites the strategy counted less or not at all this round, and why;
+            # secure: epochs, members and timings of a secure round
+            **extra,
         }
+        if self.plan.privacy.dp != "none":
+            record["epsilon"] = self._epsilon()
+            record["delta"] = self.plan.privacy.dp_delta
         self.history.append(record)
         self.last_round_ok_ts = round(time.time(), 3)
         self._save_checkpoint()
         ev = record["eval_before"]
         log.info("round %d/%d closed: %d sites, %d samples, train loss %.4f, held-out AUC of the "
-                 "model sent %s, %.3f s (overhead %.1f ms)", rnd, self.plan.rounds,
+                 "model sent %s, %.3f s (overhead %.1f ms)%s", rnd, self.plan.rounds,
                  len(record["sites"]), record["samples"], record["train_loss"],
                  f"{ev['auc']:.3f}" if ev.get("auc") is not None else "n/a", wall,
-                 record["overhead_s"] * 1000)
+                 record["overhead_s"] * 1000,
+                 f", epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
         self.on_round(record)
 
     def _image_voxels(self) -> int:
@@ -604,9 +661,223 @@ class Coordinator:
         return (self.params.astype("<f4").tobytes()
                 + self.image_norm.astype("<f4").tobytes())
 
-    def _task_meta(self) -> dict[str, Any]:
-        return {"layout": self.layout.to_dict(), "mean": self.mean.tolist(),
+    def _task_meta(self, rnd: int | None = None) -> dict[str, Any]:
+        meta = {"layout": self.layout.to_dict(), "mean": self.mean.tolist(),
                 "scale": self.scale.tolist(), "rounds": self.plan.rounds}
+        if rnd is not None and self.plan.privacy.dp != "none":
+            # what this round spends, as each site's privacy ledger records it
+            meta["epsilon_after"] = self._epsilon(after_round=True)
+        return meta
+
+    # ------------------------------------------------------------------ privacy
+
+    def history_epsilon(self) -> float | None:
+        """Epsilon spent by the rounds trained (None without DP)."""
+        return self._epsilon() if self.plan.privacy.dp != "none" else None
+
+    def _dp_steps(self) -> list[tuple[str, float, int]]:
+        """(accountant, sampling rate, compositions) one round costs: the whole federation for
+        client-level DP; each site's DP-SGD steps for sample-level DP."""
+        p, t = self.plan.privacy, self.plan.training
+        if p.dp == "client":
+            return [("federation", 1.0, 1)]
+        steps = []
+        for site, rows in sorted(self.site_rows.items()):
+            if rows > 0:
+                q = min(1.0, t.batch_size / rows)
+                steps.append((site, q, t.local_epochs * -(-rows // t.batch_size)))
+        return steps
+
+    def _epsilon(self, *, after_round: bool = False) -> float:
+        """Epsilon spent so far (the largest of the sites' for sample-level DP), or after one
+        more round."""
+        p = self.plan.privacy
+        worst = 0.0
+        for name, q, count in self._dp_steps():
+            acc = self.accountants.setdefault(name, _accountant())
+            if after_round:
+                eps = acc.would_exceed(p.dp_noise_multiplier, q, count, float("inf"),
+                                       p.dp_delta)[1]
+            else:
+                eps = acc.epsilon(p.dp_delta)[0]
+            worst = max(worst, eps)
+        return worst
+
+    def _budget_left(self) -> bool:
+        """False when the next round would spend more than the plan's (epsilon, delta)."""
+        p = self.plan.privacy
+        if p.dp == "none":
+            return True
+        if self._epsilon(after_round=True) <= p.dp_epsilon:
+            return True
+        log.warning("stopping before round %d: it would spend epsilon %.3f > the plan's "
+                    "budget %.3f (delta %g); %.3f spent", self.current_round + 1,
+                    self._epsilon(after_round=True), p.dp_epsilon, p.dp_delta,
+                    self._epsilon())
+        return False
+
+    def _spend_privacy(self, outcome: RoundOutcome) -> None:
+        """Count the round's release in the accountant and keep it, before the sum is opened:
+        a crash after this costs budget twice at worst, never zero times."""
+        p = self.plan.privacy
+        for name, q, count in self._dp_steps():
+            if name == "federation" or name in outcome.reports:
+                self.accountants.setdefault(name, _accountant()).step(
+                    p.dp_noise_multiplier, q=q, count=count)
+        self._save_checkpoint()
+
+    def _register_key(self, site: str, record: Any) -> None:
+        """A site's signed masking key, checked as its peers will check it."""
+        verifier = self.peer.trust.verifier if self.peer.trust is not None else None
+        secagg.check_key_record(record, self.fed, self.run_id, site, verifier)
+        if self.secagg_keys.get(site) != record:
+            self.secagg_keys[site] = record
+            log.info("secure aggregation: %s registered its masking key", site)
+
+    def _secure_round(self, rnd: int, caps: dict[str, float]
+                      ) -> tuple[RoundOutcome, dict[str, float], int, dict[str, Any]]:
+        """Masked updates summed mod 2^wire; the sum opened with the members' self-mask seeds.
+        Members that do not deliver: the epoch is run again among those that did (fresh
+        masks), so no single update is ever opened (agent/privacy/secagg.py)."""
+        privacy, n = self.plan.privacy, self.layout.size
+        dp = privacy.dp == "client"
+        members = sorted(s for s in self.plan.sites if s in self.secagg_keys)
+        bits = secagg.code_bits(self.plan.compression.quantize)
+        epoch = max(self._last_epoch + 1, int(time.time()))  # later than any before a restart
+        sent, epochs, timing = 0, [], {"unmask_s": 0.0}
+        while True:
+            if len(members) < 2:
+                raise FedsiloError(f"round {rnd}: secure aggregation needs at least 2 sites "
+                                   f"with a registered key; have {members}")
+            self._last_epoch = epoch
+            fallback = max(caps.values(), default=1.0)
+            weights = {s: 1 for s in members} if dp else secagg.integer_weights(
+                {s: caps.get(s, fallback) for s in members})
+            wire = secagg.ring_bits(sum(weights.values()), bits)
+            total = secagg.MaskedSum(n, wire)
+            opened: dict[str, secagg.MaskedStream] = {}
+            escrow: dict[str, tuple[dict[str, str], str]] = {}  # site -> (sealed shares, commit)
+            codec = {"codec": "masked", "epoch": epoch, "wire": wire, "n": n}
+
+            def open_stream(topic: Topic, m: Manifest, codec: dict[str, Any] = codec,
+                            opened: dict[str, Any] = opened, total: Any = total,
+                            members: list[str] = members, escrow: dict[str, Any] = escrow
+                            ) -> secagg.MaskedStream | None:
+                if m.body_kind is not BodyKind.UPDATE or m.round != rnd \
+                        or m.meta.get("run") != self.run_id:
+                    return None
+                site = topic.sender
+                if site not in members:
+                    raise ProtocolError("not_a_member", site)
+                if site in opened:
+                    raise ProtocolError("duplicate_update", site)
+                _validated_report(m.meta)
+                if m.meta.get("update") != codec:
+                    raise ProtocolError("bad_field", "update (not this epoch's masking)")
+                if m.body_len != n * codec["wire"] // 8:
+                    raise ProtocolError("bad_update_size", f"{m.body_len} bytes")
+                shares, commit = m.meta.get("shares"), m.meta.get("commitment")
+                if not isinstance(shares, dict) or set(shares) != set(members) - {site} \
+                        or not all(isinstance(v, str) and len(v) < 256
+                                   for v in shares.values()) \
+                        or not isinstance(commit, str) or len(commit) != 64:
+                    raise ProtocolError("bad_field", "shares")
+                escrow[site] = (shares, commit)
+                opened[site] = total.stream()
+                return opened[site]
+
+            def take(site: str, m: Manifest, body: bytes, opened: dict[str, Any] = opened
+                     ) -> dict[str, Any]:
+                if site not in opened or not opened[site].accepted or body:
+                    raise ProtocolError("not_streamed", site)
+                report = _validated_report(m.meta)
+                report["bytes_received"] = m.body_len
+                clipped = m.meta.get("clipped_values", 0)
+                report["clipped_values"] = clipped if isinstance(clipped, int) else 0
+                return report
+
+            secure = {"epoch": epoch, "members": members, "wire": wire, "weights": weights,
+                      "keys": {s: self.secagg_keys[s] for s in members}}
+            self.peer.open_stream = open_stream
+            try:
+                sent += self._broadcast(rnd, BodyKind.TASK, self._task_body(),
+                                        {**self._task_meta(rnd), "secure": secure})
+                outcome = self._collect(rnd, BodyKind.UPDATE, take, expected=set(members))
+            finally:
+                self.peer.open_stream = None
+            arrived = sorted(outcome.reports)
+            epochs.append({"epoch": epoch, "members": members, "arrived": arrived})
+            if arrived != members:
+                log.warning("round %d: %d of %d masked updates arrived (missing %s); masking "
+                            "again among the %d that did", rnd, len(arrived), len(members),
+                            ", ".join(sorted(set(members) - set(arrived))), len(arrived))
+                members, epoch = arrived, epoch + 1
+                continue
+            if privacy.dp != "none":
+                self._spend_privacy(outcome)
+            seeds, recovered = self._reveal(rnd, epoch, members, escrow)
+            if seeds is None:
+                raise FedsiloError(f"round {rnd}: fewer than {secagg.threshold(len(members))} "
+                                   f"of {len(members)} members answered the unmasking; the sum "
+                                   "cannot be opened")
+            epochs[-1]["recovered"] = recovered
+            t0 = time.perf_counter()
+            values = secagg.unmask(total.total, [seeds[s] for s in members], wire,
+                                   self.kernels)
+            mean = secagg.from_fixed(values, bound=privacy.value_bound, bits=bits,
+                                     total_weight=sum(weights.values()))
+            timing["unmask_s"] = time.perf_counter() - t0
+            self.state = State.AGGREGATING
+            self.params = self.strategy.apply_mean(self.params, mean)
+            extra = {"partial": {}, "discounted": {},
+                     "secure": {"epochs": epochs, "wire_bits": wire, "code_bits": bits,
+                                "clipped_values": sum(r["clipped_values"]
+                                                      for r in outcome.reports.values()),
+                                **timing}}
+            return outcome, {s: float(w) for s, w in weights.items()}, sent, extra
+
+    def _reveal(self, rnd: int, epoch: int, members: list[str],
+                escrow: dict[str, tuple[dict[str, str], str]]
+                ) -> tuple[dict[str, bytes] | None, list[str]]:
+        """Every member's self-mask secret for a complete epoch: given by the member, or
+        recovered from the Shamir shares a majority of its peers open (a member lost after its
+        upload). (secrets, members recovered), or (None, []) when too few answered."""
+        commits = {s: escrow[s][1] for s in members}
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            if m.meta.get("epoch") != epoch or body:
+                raise ProtocolError("wrong_epoch")
+            try:
+                seed = base64.b64decode(m.meta.get("seed", ""), validate=True)
+            except (ValueError, TypeError):
+                raise ProtocolError("bad_field", "seed") from None
+            if secagg.commitment(seed) != commits[site]:
+                raise ProtocolError("bad_field", "seed (not the one committed to)")
+            shares = m.meta.get("shares")
+            if not isinstance(shares, dict) or not all(
+                    isinstance(v, str) and len(v) == 2 * (2 + secagg.SECRET_BYTES)
+                    for v in shares.values()):
+                raise ProtocolError("bad_field", "shares")
+            return {"seed": seed, "shares": shares}
+
+        body = json.dumps({"keys": {s: self.secagg_keys[s] for s in members},
+                           "shares": {s: escrow[s][0] for s in members}}).encode()
+        self._broadcast(rnd, BodyKind.UNMASK, body, {"epoch": epoch, "members": members,
+                                                     "received": members})
+        outcome = self._collect(rnd, BodyKind.REVEAL, take, expected=set(members),
+                                quorum=secagg.threshold(len(members)))
+        secrets_: dict[str, bytes] = {s: r["seed"] for s, r in outcome.reports.items()}
+        recovered = []
+        for lost in sorted(set(members) - set(secrets_)):
+            shares = [r["shares"][lost] for r in outcome.reports.values() if lost in r["shares"]]
+            secret = secagg.recover_secret(shares, commits[lost])
+            if secret is None:
+                return None, []
+            secrets_[lost] = secret
+            recovered.append(lost)
+            log.warning("round %d: %s sent its masked update but not its self-mask secret; "
+                        "recovered it from %d of its peers' shares", rnd, lost, len(shares))
+        return secrets_, recovered
 
     def _evaluate_phase(self) -> dict[str, Any]:
         rnd = self.plan.rounds + 1
@@ -682,6 +953,8 @@ class Coordinator:
                 self._stats_phase()
             first = self.current_round + 1 if self.history else 1
             for rnd in range(first, self.plan.rounds + 1):
+                if not self._budget_left():
+                    break
                 self._train_round(rnd)
             final = None
             if self.phase != "finished":
@@ -695,6 +968,13 @@ class Coordinator:
             self.transport.close(final=(topics.coordinator_status(self.fed), offline_status(
                 role="coordinator", identity=self.config.coordinator_id, federation=self.fed,
                 reason="stopped")) if self.state is not State.FINISHED else None)
+
+
+def _accountant(state: dict[str, Any] | None = None) -> Any:
+    """A privacy accountant, new or from its checkpointed state (imported only with DP)."""
+    from agent.privacy.accountant import PrivacyAccountant
+
+    return PrivacyAccountant() if state is None else PrivacyAccountant.from_dict(state)
 
 
 def _finite(v: Any) -> bool:

@@ -9,6 +9,7 @@ missed are asked for again.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -28,7 +29,8 @@ import kernels as kernel_registry
 from agent.config import Plan, SiteConfig, plan_from_dict
 from agent.errors import DataError, FedsiloError, ProtocolError
 from agent.federation import topics
-from agent.federation.codec import encode_update, kept_count, rounding_seed
+from agent.federation.aggregate import accumulate_update
+from agent.federation.codec import Encoded, encode_update, kept_count, rounding_seed
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
 from agent.federation.outbox import Outbox, Reply
 from agent.federation.peer import BodyReady, Peer, Trust
@@ -39,7 +41,7 @@ from agent.learn.kinds import model_kind
 from agent.learn.layout import Layout
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization, local_moments
-from agent.learn.trainer import TrainResult, train_local
+from agent.learn.trainer import DpSgd, TrainResult, train_local
 from agent.ops.atomic import write_atomic, write_json_atomic
 from agent.ops.crashpoints import crash_point
 from agent.ops.hardware import (
@@ -61,6 +63,9 @@ from agent.ops.status import (
     status_document,
 )
 from agent.ops.throttle import Throttle
+from agent.privacy import secagg
+from agent.privacy.ledger import Ledger
+from agent.privacy.secsite import SecureState
 
 if TYPE_CHECKING:
     from agent.ingest.service import IngestService
@@ -121,6 +126,42 @@ def resident_split_mib() -> tuple[float, float]:
     return d.get("RssAnon", float("nan")), d.get("RssFile", float("nan"))
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+def _epoch_of(meta: Any) -> int | None:
+    return meta.get("epoch") if isinstance(meta, dict) else None
+
+
+def _secure_task(sec: Any, plan: Plan, site: str) -> dict[str, Any]:
+    """A secure round's settings from the task, checked before any of it is used."""
+    if not isinstance(sec, dict):
+        raise ProtocolError("bad_field", "secure")
+    members, weights, keys = sec.get("members"), sec.get("weights"), sec.get("keys")
+    epoch, wire = sec.get("epoch"), sec.get("wire")
+    if (not _names(members) or len(set(members)) != len(members)
+            or not set(members) <= set(plan.sites) or site not in members
+            or len(members) < 2 or not isinstance(epoch, int) or wire not in (16, 32)
+            or not isinstance(weights, dict) or not isinstance(keys, dict)):
+        raise ProtocolError("bad_field", "secure")
+    w = weights.get(site)
+    if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= secagg.MAX_WEIGHT:
+        raise ProtocolError("bad_field", "secure.weights")
+    total = sum(weights.get(p, 0) for p in members if isinstance(weights.get(p), int))
+    try:
+        if secagg.ring_bits(total, secagg.code_bits(plan.compression.quantize)) > wire:
+            raise ValueError("the sum would wrap")
+    except ValueError:
+        raise ProtocolError("bad_field", "secure.wire") from None
+    return {"members": sorted(members), "epoch": epoch, "wire": wire, "weights": weights,
+            "keys": keys}
+
+
 def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     k = int(round(n * holdout_fraction)) if n >= 10 else 0
@@ -161,6 +202,8 @@ class Site:
         self._retry: tuple[BodyReady, float] | None = None  # (task, when) after a state error
         self.answered_round: int | None = None  # the last round whose reply was acknowledged
         self.outbox = Outbox(config.state_dir)
+        self.secure = SecureState(config.state_dir)
+        self.ledger: Ledger | None = None  # opened at the first release (state_dir is checked)
         self.plan: Plan | None = None
         self.data: LocalData | None = None
         self.last_error: str | None = None
@@ -253,7 +296,9 @@ class Site:
         rnd = reply.manifest.round
         self.state = State.UPLOADING
         self.peer.forget_sent_before(rnd)
-        self.peer.send_body(*self._reply_topics(rnd), reply.manifest, reply.body)
+        manifest_topic, chunk_topic = self._reply_topics(rnd)
+        self._record_release(reply.manifest, reply.body, manifest_topic, task)
+        self.peer.send_body(manifest_topic, chunk_topic, reply.manifest, reply.body)
         self.outbox.make_durable()
         if reply.residual is not None:
             self._save_residual(reply.residual)
@@ -267,6 +312,25 @@ class Site:
         self.state = State.IDLE
         self.publish_status()
 
+    def _record_release(self, m: Manifest, body: bytes, destination: str,
+                        task: Manifest | None) -> None:
+        """Into the privacy ledger before it leaves (a resend is not recorded twice)."""
+        if self.ledger is None:
+            self.ledger = Ledger.for_state_dir(self.config.state_dir)
+        eps = task.meta.get("epsilon_after") if task is not None else None
+        if m.body_kind is not BodyKind.UPDATE or not _finite_number(eps):
+            eps = None
+        codec = m.meta.get("update")
+        detail = {k: v for k, v in {
+            "codec": codec.get("codec", codec.get("quantize")) if isinstance(codec, dict)
+            else None,
+            "clipped_values": m.meta.get("clipped_values"),
+            "dp_clipped": m.meta.get("dp_clipped"),
+            "reason": m.meta.get("reason")}.items() if v is not None}
+        self.ledger.append(federation=self.fed, run=str(self.run_id), round=m.round,
+                           kind=m.body_kind.value, destination=destination, body=body,
+                           epsilon=eps, detail=detail or None)
+
     def _reply_topics(self, rnd: int) -> tuple[str, Callable[[int], str]]:
         """(manifest topic, chunk topic of index) of this site's reply for a round."""
         return (topics.site_manifest(self.fed, self.site_id, rnd),
@@ -277,8 +341,9 @@ class Site:
         restarted and re-issued it with the same parameters): send that same reply again."""
         kept = self.outbox.get(MAX_TASK_BYTES)
         if kept is None or (kept.run, kept.task_digest, kept.manifest.round) \
-                != (self.run_id, m.body_digest, m.round):
-            return False
+                != (self.run_id, m.body_digest, m.round) \
+                or _epoch_of(kept.manifest.meta.get("update")) != _epoch_of(m.meta.get("secure")):
+            return False  # (a secure round's epochs share the task body: told apart by epoch)
         log.info("round %d was answered before: sending the same %s again", m.round,
                  kept.manifest.body_kind.value)
         self.round = m.round
@@ -376,12 +441,19 @@ class Site:
             return "privacy_budget_not_allowed"
         return None
 
-    def _decline(self, m: Manifest, reason: str) -> None:
+    def _decline(self, m: Manifest, reason: str, meta: dict[str, Any] | None = None) -> None:
         """Answer a task with nothing but why: the coordinator stops waiting for this site."""
         if reason != self.declined_reason:
             log.warning("round %d: this site takes no part (%s)", m.round, reason)
         self.declined_reason = reason
-        self._reply(m, BodyKind.DECLINED, b"", {"reason": reason})
+        self._reply(m, BodyKind.DECLINED, b"", {"reason": reason, **(meta or {})})
+
+    def _key_record(self) -> dict[str, Any]:
+        """This run's masking key, signed (sent with the statistics, or when not a member)."""
+        assert self.run_id is not None
+        key = secagg.site_key(self.config.state_dir, self.run_id)
+        return secagg.key_record(self.fed, self.run_id, self.site_id, key,
+                                 self.peer.trust.signer if self.peer.trust is not None else None)
 
     def _evaluate(self, layout: Layout, params: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         assert self.data is not None and self.plan is not None
@@ -415,6 +487,9 @@ class Site:
             self.run_id, self.answered = run, set()
         if (m.round, m.nonce) in self.answered:
             return  # a retained manifest seen again after reconnect: already answered
+        if m.body_kind is BodyKind.UNMASK:
+            self._on_unmask(m, body)
+            return
         if self._resend_kept_reply(m):
             return
         # Otherwise a new manifest for a round we answered is a re-opened round with other
@@ -451,8 +526,10 @@ class Site:
                 from agent.demo.attack import attack_moments
 
                 vector = attack_moments(self.attack, vector)
-            self._reply(m, BodyKind.STATS, vector.astype("<f8").tobytes(),
-                        {"n_rows": int(data.train.size)})
+            meta: dict[str, Any] = {"n_rows": int(data.train.size)}
+            if plan.privacy.secure_aggregation:
+                meta["secagg_key"] = self._key_record()
+            self._reply(m, BodyKind.STATS, vector.astype("<f8").tobytes(), meta)
             return
         layout = Layout.from_dict(meta.get("layout"))
         mean = np.asarray(meta.get("mean"), dtype=np.float64)
@@ -470,6 +547,13 @@ class Site:
         if m.body_kind is BodyKind.EVALUATE:
             self._reply(m, BodyKind.EVALUATION, b"", {"eval": evaluation})
             return
+        if plan.privacy.secure_aggregation:
+            sec = m.meta.get("secure")
+            if isinstance(sec, dict) and isinstance(sec.get("members"), list) \
+                    and self.site_id not in sec["members"]:
+                # The coordinator has no key of ours (we missed the statistics step): here it is.
+                self._decline(m, "not_a_member", {"secagg_key": self._key_record()})
+                return
         self.state = State.TRAINING
         self.publish_status()
         self._yield_to_clinical_work()
@@ -481,25 +565,130 @@ class Site:
             from agent.demo.attack import attack_update
 
             delta, n_samples = attack_update(self.attack, delta, n_samples)
+        report = {"n_samples": n_samples, "train_loss": float(result.mean_loss),
+                  "train_seconds": float(result.seconds), "eval": evaluation}
+        privacy = plan.privacy
+        if privacy.dp == "client":  # each site's contribution bounded: the sensitivity
+            from agent.privacy.dp import clip_to_norm
+
+            delta, norm = clip_to_norm(delta, privacy.dp_clip)
+            report["dp_clipped"] = bool(norm > privacy.dp_clip)
+        if privacy.secure_aggregation:
+            body, meta = self._masked_update(m, plan, delta)
+            self._reply(m, BodyKind.UPDATE, body, report | meta)
+            raw = 4 * layout.size
+        else:
+            encoded = self._encode(plan, layout, delta, m.round)
+            self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta},
+                        residual=encoded.residual)
+            body, raw = encoded.body, encoded.raw_bytes
+        self.last_round_ok_ts = round(time.time(), 3)
+        report |= {"bytes_up": len(body), "update_raw_bytes": raw}
+        self._publish_metrics(m.round, report)
+
+    def _encode(self, plan: Plan, layout: Layout, delta: np.ndarray, rnd: int) -> Encoded:
+        """The plain (unmasked) update as the plan's codec sends it. With client-level DP the
+        update as it will be decoded stays within the clip norm: stochastic rounding may push
+        it past, so it is shrunk and encoded again until it does not."""
         spec = plan.compression
         residual = self._load_residual(layout.size) if kept_count(layout.size, spec) \
             < layout.size else None
-        encoded = encode_update(delta, spec, seed=rounding_seed(self.fed, self.site_id, m.round),
-                                kernels=self.kernels, residual=residual)
-        report = {"n_samples": n_samples, "train_loss": float(result.mean_loss),
-                  "train_seconds": float(result.seconds), "eval": evaluation}
-        self._reply(m, BodyKind.UPDATE, encoded.body, report | {"update": encoded.meta},
-                    residual=encoded.residual)
-        self.last_round_ok_ts = round(time.time(), 3)
-        report |= {"bytes_up": len(encoded.body), "update_raw_bytes": encoded.raw_bytes}
-        self._publish_metrics(m.round, report)
+        seed = rounding_seed(self.fed, self.site_id, rnd)
+        for _ in range(8):
+            encoded = encode_update(delta, spec, seed=seed, kernels=self.kernels,
+                                    residual=residual)
+            if plan.privacy.dp != "client":
+                return encoded
+            sent = np.zeros(layout.size, dtype=np.float32)
+            accumulate_update(sent, 1.0, encoded.body, encoded.meta, spec, self.kernels)
+            norm = float(np.linalg.norm(sent.astype(np.float64)))
+            if norm <= plan.privacy.dp_clip:
+                return encoded
+            delta = (delta * (plan.privacy.dp_clip / norm * (1 - 1e-6))).astype(np.float32)
+        raise FedsiloError("could not encode the update within the DP clip norm")
+
+    def _masked_update(self, m: Manifest, plan: Plan, delta: np.ndarray
+                       ) -> tuple[bytes, dict[str, Any]]:
+        """This site's update, masked for the epoch the task names (agent/privacy/secagg)."""
+        assert self.run_id is not None
+        sec = _secure_task(m.meta.get("secure"), plan, self.site_id)
+        members, epoch, wire = sec["members"], sec["epoch"], sec["wire"]
+        key = secagg.site_key(self.config.state_dir, self.run_id)
+        publics = self._peer_keys(sec["keys"], members)
+        seeds = {peer: secagg.pair_seed(key, public, federation=self.fed, run=self.run_id,
+                                        rnd=m.round, epoch=epoch, a=self.site_id, b=peer)
+                 for peer, public in publics.items()}
+        from agent.privacy.dp import gaussian_noise, secure_rng, site_noise_std
+
+        privacy = plan.privacy
+        rng = secure_rng()
+        if privacy.dp == "client":  # this site's share of the noise on the sum
+            std = site_noise_std(privacy.dp_noise_multiplier, privacy.dp_clip, len(members))
+            delta = delta + gaussian_noise(delta.size, std, rng)
+        bits = secagg.code_bits(plan.compression.quantize)
+        fixed = secagg.to_fixed(delta, bound=privacy.value_bound, bits=bits,
+                                weight=sec["weights"][self.site_id], rng=rng)
+        if fixed.clipped:
+            log.warning("round %d: %d of %d values beyond privacy.value_bound %g were clipped "
+                        "before masking", m.round, fixed.clipped, delta.size,
+                        privacy.value_bound)
+        secret = self.secure.begin(self.run_id, m.round, epoch, members)
+        crash_point("site.masked")  # the crash tests' site lost after masking, before sending
+        keys, signs = secagg.mask_keys(self.site_id, members, seeds)
+        body = secagg.mask(fixed.values, keys, signs, secret, wire, self.kernels)
+        shares = secagg.seal_shares(secret, self.site_id, members, key, publics,
+                                    federation=self.fed, run=self.run_id, rnd=m.round,
+                                    epoch=epoch)
+        return body, {"update": {"codec": "masked", "epoch": epoch, "wire": wire,
+                                 "n": int(delta.size)}, "clipped_values": fixed.clipped,
+                      "shares": shares, "commitment": secagg.commitment(secret)}
+
+    def _peer_keys(self, records: Any, members: list[str]) -> dict[str, Any]:
+        """The members' masking keys, each checked against the federation CA."""
+        assert self.run_id is not None
+        if not isinstance(records, dict):
+            raise ProtocolError("bad_field", "keys")
+        verifier = self.peer.trust.verifier if self.peer.trust is not None else None
+        return {peer: secagg.check_key_record(records.get(peer), self.fed, self.run_id, peer,
+                                              verifier)
+                for peer in members if peer != self.site_id}
+
+    def _on_unmask(self, m: Manifest, body: bytes) -> None:
+        """The coordinator holds every masked update of an epoch: give this site's self-mask
+        secret and open the shares of the other members' (for any of them lost since)."""
+        assert self.run_id is not None
+        meta = m.meta
+        if meta.get("run") != self.run_id:
+            raise ProtocolError("wrong_run")
+        epoch, members, received = meta.get("epoch"), meta.get("members"), meta.get("received")
+        if not isinstance(epoch, int) or not _names(members) or not _names(received):
+            raise ProtocolError("bad_field", "unmask")
+        secret = self.secure.reveal(self.run_id, m.round, epoch, members, received)
+        try:
+            doc = json.loads(body)
+            sealed = {j: doc["shares"][j][self.site_id] for j in members if j != self.site_id}
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError("bad_field", "unmask shares") from None
+        key = secagg.site_key(self.config.state_dir, self.run_id)
+        publics = self._peer_keys(doc.get("keys"), members)
+        opened = {}
+        for j, box in sealed.items():
+            if not isinstance(box, str):
+                raise ProtocolError("bad_field", "unmask shares")
+            opened[j] = secagg.open_share(box, j, self.site_id, key, publics[j],
+                                          federation=self.fed, run=self.run_id, rnd=m.round,
+                                          epoch=epoch)
+        self._reply(m, BodyKind.REVEAL, b"", {"epoch": epoch, "shares": opened,
+                                              "seed": base64.b64encode(secret).decode()})
 
     def train_round(self, plan: Plan, layout: Layout, params: np.ndarray, x: np.ndarray,
                     rnd: int) -> TrainResult:
         """Round `rnd`'s local training from `params` on this site's standardised rows `x`.
 
         Deterministic: the same inputs give the same update, so a round trained again after a
-        crash sends what the first try would have (and tests can replay a site's rounds)."""
+        crash sends what the first try would have (and tests can replay a site's rounds) -
+        except with DP-SGD, whose noise is fresh each try (a try that never left costs
+        nothing)."""
         data = self._ensure_data(plan)
         training = plan.training
         cap = self.profile.settings.max_batch_size
@@ -507,12 +696,22 @@ class Site:
             log.info("batch size %d capped at %d by hardware profile %s", training.batch_size,
                      cap, self.profile.name)
             training = replace(training, batch_size=cap)
-        return train_local(layout, params, x[data.train], data.y[data.train],
-                           training, seed=plan.seed * 100_003 + rnd,
-                           kernels=self.kernels, first_step_callback=self._first_step,
-                           step_callback=self._training_step, **self._images(data.train),
-                           proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
-                           else 0.0)
+        privacy = plan.privacy
+        dp_sgd = None
+        if privacy.dp == "sample":
+            from agent.privacy.dp import secure_rng
+
+            dp_sgd = DpSgd(privacy.dp_clip, privacy.dp_noise_multiplier, secure_rng())
+        result = train_local(layout, params, x[data.train], data.y[data.train],
+                             training, seed=plan.seed * 100_003 + rnd,
+                             kernels=self.kernels, first_step_callback=self._first_step,
+                             step_callback=self._training_step, **self._images(data.train),
+                             proximal_mu=plan.strategy.mu if plan.strategy.name == "fedprox"
+                             else 0.0, dp_sgd=dp_sgd)
+        if dp_sgd is not None and dp_sgd.clipped:
+            log.info("round %d: DP-SGD clipped %d example gradients to %g", rnd,
+                     dp_sgd.clipped, privacy.dp_clip)
+        return result
 
     def _residual_file(self) -> Path:
         run = hashlib.sha256(str(self.run_id).encode()).hexdigest()[:16]
@@ -545,7 +744,12 @@ class Site:
                "update_raw_bytes": report["update_raw_bytes"],
                **{f"eval_{k}": v for k, v in report["eval"].items()},
                "bytes_sent": self.peer.bytes_sent, "ts": round(time.time(), 3)}
-        self.transport.publish(topics.site_metrics(self.fed, self.site_id), encode_status(doc))
+        payload = encode_status(doc)
+        topic = topics.site_metrics(self.fed, self.site_id)
+        if self.ledger is not None:
+            self.ledger.append(federation=self.fed, run=str(self.run_id), round=rnd,
+                               kind="metrics", destination=topic, body=payload)
+        self.transport.publish(topic, payload)
 
     def _first_step(self) -> None:
         """Time to the first optimizer step, from the task's arrival (what the site itself
@@ -596,7 +800,8 @@ class Site:
                      m.meta.get("run"))
             return False
         try:
-            if m.body_kind not in (BodyKind.STATS_TASK, BodyKind.TASK, BodyKind.EVALUATE):
+            if m.body_kind not in (BodyKind.STATS_TASK, BodyKind.TASK, BodyKind.EVALUATE,
+                                   BodyKind.UNMASK):
                 raise ProtocolError("wrong_body_kind", m.body_kind.value)
             self._on_task(m, event.body)
         except ProtocolError as exc:

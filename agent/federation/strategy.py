@@ -112,6 +112,11 @@ class _FedAvgRound:
     def finalize(self, params: np.ndarray) -> np.ndarray:
         return self.acc.apply(params)
 
+    def mean_update(self, params: np.ndarray) -> np.ndarray:
+        """The weighted mean of the updates (for a caller that adds DP noise before applying
+        it with `Strategy.apply_mean`)."""
+        return self.acc.apply(params) - params
+
 
 class FedAvg:
     name = "fedavg"
@@ -122,6 +127,11 @@ class FedAvg:
 
     def new_round(self, rnd: int) -> Aggregation:
         return _FedAvgRound(self.n, self.compression, self.kernels)
+
+    def apply_mean(self, params: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """New parameters from a round's mean update (secure aggregation and DP compute the
+        mean themselves)."""
+        return (params.astype(np.float32) + mean.astype(np.float32)).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return {}
@@ -164,6 +174,11 @@ class ServerOptimizer(FedAvg):
     def new_round(self, rnd: int) -> Aggregation:
         return _ServerOptimizerRound(self)
 
+    def apply_mean(self, params: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        s = self.spec
+        return server_optimizer_step(params, mean, self.m, self.v, rule=self.name,
+                                     lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+
     def state(self) -> dict[str, np.ndarray]:
         return {"m": self.m, "v": self.v}
 
@@ -181,10 +196,7 @@ class _ServerOptimizerRound(_FedAvgRound):
         self.strategy = strategy
 
     def finalize(self, params: np.ndarray) -> np.ndarray:
-        delta = super().finalize(params) - params
-        st, s = self.strategy, self.strategy.spec
-        return server_optimizer_step(params, delta, st.m, st.v, rule=st.name, lr=s.server_lr,
-                                     beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+        return self.strategy.apply_mean(params, super().finalize(params) - params)
 
 
 # ---------------------------------------------------------------------- holding rules

@@ -81,11 +81,39 @@ def _make_step(training: TrainingSpec, size: int,
     return adam
 
 
+@dataclass
+class DpSgd:
+    """Per-example clipping and noise for DP-SGD (see `train_local`)."""
+
+    clip: float
+    sigma: float
+    rng: np.random.Generator
+    clipped: int = 0  # examples whose gradient was scaled down (reported, never silent)
+
+
+def _private_gradient(layout: Layout, p: np.ndarray, x: np.ndarray, y: np.ndarray,
+                      kernels: ModuleType, images: np.ndarray | None, dp: DpSgd
+                      ) -> tuple[float, np.ndarray]:
+    """The noisy mean of the batch's clipped per-example gradients (one backward pass per
+    example: the models here are small, and every kind gets DP-SGD without its own code)."""
+    rows = np.empty((x.shape[0], p.size), dtype=np.float32)
+    total = 0.0
+    for i in range(x.shape[0]):
+        img = None if images is None else images[i:i + 1]
+        loss, rows[i] = loss_and_grad(layout, p, x[i:i + 1], y[i:i + 1], kernels, img)
+        total += loss
+    summed, clipped = kernels.clip_rows_sum(rows, dp.clip)
+    dp.clipped += int(clipped)
+    noise = dp.rng.standard_normal(p.size) * (dp.sigma * dp.clip)
+    return total / x.shape[0], ((summed + noise) / x.shape[0]).astype(np.float32)
+
+
 def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray,
                 training: TrainingSpec, *, seed: int, kernels: ModuleType,
                 first_step_callback: Callable[[], None] | None = None,
                 step_callback: Callable[[], None] | None = None,
-                images: np.ndarray | None = None, proximal_mu: float = 0.0) -> TrainResult:
+                images: np.ndarray | None = None, proximal_mu: float = 0.0,
+                dp_sgd: DpSgd | None = None) -> TrainResult:
     """Train from `params` on (x, y) for `training.local_epochs` epochs of shuffled batches.
 
     `images` (float32 [n, depth, h, w], row i belonging to x[i]) is required by a cnn_fused
@@ -96,6 +124,11 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
     `step_callback` after every step (the daemon's watchdog beat and stop check: it may raise).
     `proximal_mu` > 0 adds FedProx's proximal term mu/2 ||w - params||^2 to the local loss, so
     the local model stays near the global one it started from (heterogeneous sites).
+    `dp_sgd`: sample-level DP (Abadi et al., CCS 2016): each example's gradient is clipped to
+    `clip` (kernel `clip_rows_sum`), Gaussian noise `sigma` x `clip` from a CSPRNG-seeded
+    generator is added to the batch's sum, and the sum divided by the batch size. Batches are
+    the shuffled fixed-size ones; the accountant treats them as Poisson samples at rate
+    batch/rows, as Opacus does by default (docs/privacy.md).
     """
     _check_inputs(layout, params, x, y, training, images)
     start = time.perf_counter()
@@ -111,7 +144,11 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
         for lo in range(0, n, bs):
             idx = order[lo:lo + bs]
             batch_images = None if images is None else images[idx]
-            loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels, batch_images)
+            if dp_sgd is None:
+                loss, grad = loss_and_grad(layout, p, x[idx], y[idx], kernels, batch_images)
+            else:
+                loss, grad = _private_gradient(layout, p, x[idx], y[idx], kernels,
+                                               batch_images, dp_sgd)
             if proximal_mu > 0:
                 kernels.add_proximal(grad, p, params, proximal_mu)
             step(p, grad)
