@@ -121,7 +121,7 @@ def _recorded_bodies(recorder: Recorder, site: str, kind: str) -> list[tuple[dic
     with recorder.lock:
         msgs = list(recorder.messages)
     for msg in msgs:
-        if not msg.topic.startswith(prefix) or not msg.payload:
+        if not msg.topic.startswith(prefix + "update/") or not msg.payload:
             continue
         env = decode(msg.payload, max_body=1 << 30)
         if "/manifest" in msg.topic and env.header["body_kind"] == kind:
