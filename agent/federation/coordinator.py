@@ -596,10 +596,9 @@ class Coordinator:
             k = len(outcome.reports)
             p = self.plan.privacy
             self._spend_privacy(outcome)
-            from agent.privacy.dp import gaussian_noise, secure_rng
+            from agent.privacy.dp import gaussian_noise
 
-            mean += gaussian_noise(mean.size, p.dp_noise_multiplier * p.dp_clip / k,
-                                   secure_rng())
+            mean += gaussian_noise(mean.size, p.dp_noise_multiplier * p.dp_clip / k)
             self.params = self.strategy.apply_mean(self.params, mean)
         else:
             if self.plan.privacy.dp == "sample":

@@ -624,7 +624,7 @@ class Site:
         rng = secure_rng()
         if privacy.dp == "client":  # this site's share of the noise on the sum
             std = site_noise_std(privacy.dp_noise_multiplier, privacy.dp_clip, len(members))
-            delta = delta + gaussian_noise(delta.size, std, rng)
+            delta = delta + gaussian_noise(delta.size, std)
         bits = secagg.code_bits(plan.compression.quantize)
         fixed = secagg.to_fixed(delta, bound=privacy.value_bound, bits=bits,
                                 weight=sec["weights"][self.site_id], rng=rng)
@@ -699,9 +699,9 @@ class Site:
         privacy = plan.privacy
         dp_sgd = None
         if privacy.dp == "sample":
-            from agent.privacy.dp import secure_rng
+            from agent.privacy.dp import gaussian_noise
 
-            dp_sgd = DpSgd(privacy.dp_clip, privacy.dp_noise_multiplier, secure_rng())
+            dp_sgd = DpSgd(privacy.dp_clip, privacy.dp_noise_multiplier, gaussian_noise)
         result = train_local(layout, params, x[data.train], data.y[data.train],
                              training, seed=plan.seed * 100_003 + rnd,
                              kernels=self.kernels, first_step_callback=self._first_step,

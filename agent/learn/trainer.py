@@ -87,7 +87,7 @@ class DpSgd:
 
     clip: float
     sigma: float
-    rng: np.random.Generator
+    noise: Callable[[int, float], np.ndarray]  # (n, std) -> n normal draws of that std
     clipped: int = 0  # examples whose gradient was scaled down (reported, never silent)
 
 
@@ -104,7 +104,7 @@ def _private_gradient(layout: Layout, p: np.ndarray, x: np.ndarray, y: np.ndarra
         total += loss
     summed, clipped = kernels.clip_rows_sum(rows, dp.clip)
     dp.clipped += int(clipped)
-    noise = dp.rng.standard_normal(p.size) * (dp.sigma * dp.clip)
+    noise = dp.noise(p.size, dp.sigma * dp.clip)
     return total / x.shape[0], ((summed + noise) / x.shape[0]).astype(np.float32)
 
 
@@ -125,10 +125,10 @@ def train_local(layout: Layout, params: np.ndarray, x: np.ndarray, y: np.ndarray
     `proximal_mu` > 0 adds FedProx's proximal term mu/2 ||w - params||^2 to the local loss, so
     the local model stays near the global one it started from (heterogeneous sites).
     `dp_sgd`: sample-level DP (Abadi et al., CCS 2016): each example's gradient is clipped to
-    `clip` (kernel `clip_rows_sum`), Gaussian noise `sigma` x `clip` from a CSPRNG-seeded
-    generator is added to the batch's sum, and the sum divided by the batch size. Batches are
-    the shuffled fixed-size ones; the accountant treats them as Poisson samples at rate
-    batch/rows, as Opacus does by default (docs/privacy.md).
+    `clip` (kernel `clip_rows_sum`), Gaussian noise `sigma` x `clip` (from `dp_sgd.noise`,
+    a cryptographic source at the site) is added to the batch's sum, and the sum divided by
+    the batch size. Batches are the shuffled fixed-size ones; the accountant treats them as
+    Poisson samples at rate batch/rows, as Opacus does by default (docs/privacy.md).
     """
     _check_inputs(layout, params, x, y, training, images)
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Renyi-DP accounting of the Gaussian mechanism, with and without Poisson subsampling.
 
-Orders: the default grid of Google's dp-accounting `RdpAccountant` (fractional 1.25-4.5, the
-integers 5-63, then 128, 256, 512), so our epsilons can be checked against it. Conversion to
-(epsilon, delta): Balle et al. 2020, "Hypothesis testing interpretations and Renyi
+Orders: TF-Privacy's classic grid (fractional 1.25-4.5, the integers 5-63, then 128, 256,
+512); dp-accounting's `RdpAccountant(orders=ORDERS)` gives the same epsilons (the tests).
+Conversion to (epsilon, delta): Balle et al. 2020, "Hypothesis testing interpretations and Renyi
 differential privacy" (Prop. 12; also Canonne, Kamath & Steinke 2020), the one Opacus,
 TF-Privacy and dp-accounting use:
     eps = min over alpha of  rdp(alpha) + log1p(-1/alpha) - (log(delta) + log(alpha)) / (alpha - 1)

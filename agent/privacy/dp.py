@@ -1,11 +1,11 @@
 """The Gaussian mechanism's pieces at a site or the coordinator: clipping and noise.
 
-Noise comes from numpy's PCG64DXSM generator seeded with 256 bits from the OS CSPRNG
-(`os.urandom`) afresh for every release. numpy's generators are not cryptographic: with
-enough raw outputs one could in principle recover the state; but their outputs never leave
-as such (they are added to an update, quantized, masked), a state covers one release only,
-and the seed is never stored or sent. Drawing 1e6 Gaussians from a stream cipher (ChaCha20 +
-Box-Muller) would close even that gap at ~10x the time; we note it as the upgrade path.
+DP noise comes from a cryptographic stream: the ChaCha20 keystream (the `cryptography`
+package, OpenSSL) under a fresh key and nonce from `os.urandom`, turned into normals by the
+Box-Muller transform over 53-bit uniforms. numpy's generators are not cryptographic (their
+state can in principle be recovered from outputs), so they never make DP noise; the cost is
+~2x numpy's (about 45 ms per 1e6 values here). `secure_rng` (numpy PCG64DXSM seeded from
+`os.urandom`) serves only randomness that protects nothing by itself: stochastic rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 
 def secure_rng() -> np.random.Generator:
@@ -37,11 +38,20 @@ def clip_to_norm(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return out, norm
 
 
-def gaussian_noise(n: int, std: float, rng: np.random.Generator) -> np.ndarray:
-    """n draws of N(0, std^2), float32."""
+def gaussian_noise(n: int, std: float) -> np.ndarray:
+    """n draws of N(0, std^2), float32, from a fresh ChaCha20 stream (module docstring)."""
     if not (math.isfinite(std) and std >= 0):
         raise ValueError(f"std must be finite and >= 0, got {std}")
-    return (rng.standard_normal(n) * std).astype(np.float32)
+    pairs = (n + 1) // 2
+    stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), None).encryptor()
+    words = np.frombuffer(stream.update(bytes(16 * pairs)), dtype="<u8")
+    u1 = ((words[0::2] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # (0, 1)
+    u2 = (words[1::2] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    r = np.sqrt(-2.0 * np.log(u1))
+    out = np.empty(2 * pairs)
+    out[0::2] = r * np.cos(2.0 * np.pi * u2)
+    out[1::2] = r * np.sin(2.0 * np.pi * u2)
+    return (out[:n] * std).astype(np.float32)
 
 
 def site_noise_std(sigma: float, clip: float, n_sites: int) -> float:
