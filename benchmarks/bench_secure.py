@@ -107,8 +107,8 @@ def main() -> None:
                 "bytes": float(sum(len(e.body) for e in bodies))}
 
     def secure_round() -> dict[str, float]:
-        weights = secagg.integer_weights({s: 100.0 + i for i, s in enumerate(names)})
         bits = secagg.code_bits("int8")
+        weights = secagg.integer_weights({s: 100.0 + i for i, s in enumerate(names)}, bits)
         wire = secagg.ring_bits(sum(weights.values()), bits)
         kx, masking, bodies, seeds = [], [], [], []
         for i, s in enumerate(names):

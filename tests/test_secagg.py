@@ -43,7 +43,8 @@ def test_the_masked_sum_equals_the_plain_sum_of_quantized_updates_exactly(tmp_pa
     rng = np.random.default_rng(n_sites)
     names, keys = _sites(n_sites, tmp_path)
     n, bound, bits = 5003, 0.5, secagg.code_bits(quantize)
-    weights = secagg.integer_weights({s: float(rng.integers(20, 400)) for s in names})
+    weights = secagg.integer_weights({s: float(rng.integers(20, 400)) for s in names},
+                                     secagg.code_bits(quantize))
     deltas = {s: rng.normal(0, 0.2, n).astype(np.float32) for s in names}
     fixed = {s: secagg.to_fixed(deltas[s], bound=bound, bits=bits, weight=weights[s],
                                 rng=np.random.default_rng(1)) for s in names}
@@ -113,8 +114,15 @@ def test_ring_bits_and_weights():
     assert secagg.ring_bits(1, 16) == 16 and secagg.ring_bits(2, 16) == 32
     with pytest.raises(ValueError):
         secagg.ring_bits(70_000, 16)
-    assert secagg.integer_weights({"a": 500.0, "b": 50.0, "c": 0.1}) == {"a": 255, "b": 26,
-                                                                          "c": 1}
+    # 3 sites of int8 codes: 86 levels keep the sum in 16 bits
+    three = secagg.integer_weights({"a": 500.0, "b": 50.0, "c": 0.1}, 8)
+    assert three == {"a": 86, "b": 9, "c": 1}
+    assert secagg.ring_bits(sum(three.values()), 8) == 16
+    # 16-bit codes never fit 16 bits: 255 levels and a 32-bit ring
+    assert secagg.integer_weights({"a": 500.0, "b": 50.0}, 16) == {"a": 255, "b": 26}
+    # 20 sites of int8: 12 levels would be too coarse; 255 levels in 32 bits
+    many = secagg.integer_weights({f"s{i}": 10.0 + i for i in range(20)}, 8)
+    assert max(many.values()) == 255 and secagg.ring_bits(sum(many.values()), 8) == 32
 
 
 def test_pair_seeds_agree_and_differ_by_round_epoch_and_pair(tmp_path):

@@ -751,7 +751,7 @@ class Coordinator:
             self._last_epoch = epoch
             fallback = max(caps.values(), default=1.0)
             weights = {s: 1 for s in members} if dp else secagg.integer_weights(
-                {s: caps.get(s, fallback) for s in members})
+                {s: caps.get(s, fallback) for s in members}, bits)
             wire = secagg.ring_bits(sum(weights.values()), bits)
             total = secagg.MaskedSum(n, wire)
             opened: dict[str, secagg.MaskedStream] = {}

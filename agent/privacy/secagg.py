@@ -47,6 +47,7 @@ from agent.ops.atomic import write_bytes_atomic
 
 KEY_RECORD = "secagg_key"
 MAX_WEIGHT = 255  # integer weights 1..255: the sum's range stays inside 32 bits
+MIN_LEVELS = 16  # the fewest weight levels worth a 16-bit ring
 SEED_BYTES = 32  # a ChaCha20 key
 SECRET_BYTES = 16  # a self-mask secret (Shamir shares split 16 bytes)
 
@@ -66,11 +67,15 @@ def ring_bits(total_weight: int, bits: int) -> int:
     raise ValueError(f"a sum of weight {total_weight} of {bits}-bit codes exceeds 32 bits")
 
 
-def integer_weights(weights: dict[str, float]) -> dict[str, int]:
-    """Weights as integers 1..255 in proportion (the largest 255): a masked sum is of
-    integers, and small ones keep it inside the ring."""
+def integer_weights(weights: dict[str, float], bits: int) -> dict[str, int]:
+    """Weights as integers in proportion (a masked sum is of integers): the largest gets as
+    many levels as keep the sum of `bits`-bit codes in a 16-bit ring (2 bytes a value on the
+    wire), if that is at least 16 levels (weights within 3 % of the largest); else 255 levels
+    and a 32-bit ring."""
+    fit16 = (2 ** 15 - 1) // ((2 ** (bits - 1) - 1) * max(1, len(weights)))
+    levels = min(MAX_WEIGHT, fit16) if fit16 >= MIN_LEVELS else MAX_WEIGHT
     top = max(weights.values(), default=1.0)
-    return {s: max(1, min(MAX_WEIGHT, round(MAX_WEIGHT * w / top))) if top > 0 else 1
+    return {s: max(1, min(levels, round(levels * w / top))) if top > 0 else 1
             for s, w in weights.items()}
 
 
