@@ -265,3 +265,48 @@ def test_client_dp_clips_every_update_counts_epsilon_and_stops_at_the_budget(tmp
         assert [e["round"] for e in ups] == [1, 2]
         assert ups[-1]["epsilon"] == pytest.approx(two, rel=1e-9)
         assert {e["kind"] for e in entries} >= {"stats", "update", "metrics", "evaluation"}
+
+
+def test_secure_aggregation_with_client_dp_and_dp_sgd_federations_account_their_epsilon(
+        tmp_path, mosquitto):
+    """Noise split among the members of secure rounds; then DP-SGD at each site, with one
+    accountant per site (its own sampling rate) in the coordinator's checkpoint."""
+    from agent.privacy.accountant import PrivacyAccountant
+
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    names = ["north", "south", "east"]
+    procs = [start_site(write_site_config(tmp_path / "sites", n, FED, mosquitto.port, t),
+                        tmp_path / f"{n}.log") for n, t in zip(names, tables, strict=True)]
+    secure_dp = dataclasses.replace(
+        _secure_plan(features, names, secure_aggregation=True, dp="client", dp_clip=0.5,
+                     dp_noise_multiplier=0.8, dp_epsilon=100.0), rounds=2)
+    rounds: list[dict] = []
+    CoordinatorThread(secure_dp, mosquitto.port, tmp_path / "coord1",
+                      on_round=rounds.append).start().join(timeout=180)
+    acc = PrivacyAccountant()
+    acc.step(0.8, count=2)
+    assert rounds[-1]["epsilon"] == pytest.approx(acc.epsilon(1e-5)[0], rel=1e-9)
+    assert all(len(r["secure"]["epochs"]) == 1 for r in rounds)
+    assert stop_all(procs) == [0, 0, 0]
+
+    procs = [start_site(write_site_config(tmp_path / "sites2", n, FED, mosquitto.port, t),
+                        tmp_path / f"{n}-2.log") for n, t in zip(names, tables, strict=True)]
+    dp_sgd = dataclasses.replace(
+        _secure_plan(features, names, dp="sample", dp_clip=1.0, dp_noise_multiplier=1.1,
+                     dp_epsilon=50.0), rounds=2)
+    rounds = []
+    coord = CoordinatorThread(dp_sgd, mosquitto.port, tmp_path / "coord2",
+                              on_round=rounds.append).start()
+    final = coord.join(timeout=180)
+    assert stop_all(procs) == [0, 0, 0]
+    assert final["sites"] == sorted(names)
+    rows = coord.coordinator.site_rows
+    worst = 0.0
+    for site in names:  # each site's DP-SGD steps: q = batch / rows, ceil(rows / batch) a round
+        a = PrivacyAccountant()
+        b = dp_sgd.training.batch_size
+        a.step(1.1, q=b / rows[site], count=2 * -(-rows[site] // b))
+        worst = max(worst, a.epsilon(1e-5)[0])
+    assert rounds[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
+    checkpoint = json.loads((tmp_path / "coord2" / "checkpoint.json").read_text())
+    assert set(checkpoint["privacy_accountants"]) == set(names)
