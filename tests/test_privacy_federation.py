@@ -163,7 +163,7 @@ def _dealt_tables(tables, directory, k: int):
 
 
 def test_secure_rounds_survive_sites_lost_before_and_after_their_upload_and_open_only_sums(
-        tmp_path, mosquitto):
+        tmp_path, mosquitto, caplog):
     tables, _test, features = breast_cancer_sites(tmp_path / "data")
     names = ["central", "east", "north", "south", "west"]
     tables = _dealt_tables(tables, tmp_path / "data", len(names))
@@ -199,7 +199,7 @@ def test_secure_rounds_survive_sites_lost_before_and_after_their_upload_and_open
     # epochs that completed, so no single update (nor a partial sum) could be opened.
     from tests.test_secagg import _chi_square_p
 
-    revealed_epochs = set()
+    revealed_epochs, secrets = set(), []
     for site in names:
         for head, body in _recorded_bodies(recorder, site, "update"):
             assert head["meta"]["update"]["codec"] == "masked"
@@ -207,6 +207,11 @@ def test_secure_rounds_survive_sites_lost_before_and_after_their_upload_and_open
             assert _chi_square_p(np.bincount(lane, minlength=256)) > 1e-6
         for head, _ in _recorded_bodies(recorder, site, "reveal"):
             revealed_epochs.add((head["round"], head["meta"]["epoch"]))
+            secrets += [head["meta"]["seed"], *head["meta"]["shares"].values()]
+    assert len(secrets) > 10
+    logged = caplog.text + "".join((tmp_path / f"{n}.log").read_text() for n in names)
+    assert "round 2: west sent its masked update but not its self-mask secret" in logged
+    assert not [s for s in secrets if s in logged]  # no secret or share reaches a log
     completed = {(r["round"], r["secure"]["epochs"][-1]["epoch"]) for r in rounds}
     assert revealed_epochs == completed
     # what the coordinator kept: the global model and its checkpoint, no update of anyone

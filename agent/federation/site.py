@@ -327,9 +327,13 @@ class Site:
             "clipped_values": m.meta.get("clipped_values"),
             "dp_clipped": m.meta.get("dp_clipped"),
             "reason": m.meta.get("reason")}.items() if v is not None}
+        # What left is the manifest (its meta carries metrics, seeds, shares) and the body
+        # it names: the digest covers both, the size counts both.
+        header = json.dumps(m.header(), sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(header + body).hexdigest()
         self.ledger.append(federation=self.fed, run=str(self.run_id), round=m.round,
-                           kind=m.body_kind.value, destination=destination, body=body,
-                           epsilon=eps, detail=detail or None)
+                           kind=m.body_kind.value, destination=destination, digest=digest,
+                           size=len(header) + len(body), epsilon=eps, detail=detail or None)
 
     def _reply_topics(self, rnd: int) -> tuple[str, Callable[[int], str]]:
         """(manifest topic, chunk topic of index) of this site's reply for a round."""
