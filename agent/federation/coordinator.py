@@ -504,14 +504,14 @@ class Coordinator:
                 raise ProtocolError("duplicate_update", topic.sender)
             if m.body_len != pooled.size * 8:
                 raise ProtocolError("bad_stats_size", f"{m.body_len} bytes")
+            if self.plan.privacy.secure_aggregation:  # checked before its moments are summed
+                self._register_key(topic.sender, m.meta.get("secagg_key"))
             streams[topic.sender] = _MomentsSink(MomentsStream(pooled, d))
             return streams[topic.sender]
 
         def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
             if site not in streams or body:
                 raise ProtocolError("not_streamed", site)
-            if self.plan.privacy.secure_aggregation:
-                self._register_key(site, m.meta.get("secagg_key"))
             return {"n": int(streams[site].stream.largest_count)}
 
         self.peer.open_stream = open_stream
@@ -735,105 +735,108 @@ class Coordinator:
 
     def _secure_round(self, rnd: int, caps: dict[str, float]
                       ) -> tuple[RoundOutcome, dict[str, float], int, dict[str, Any]]:
-        """Masked updates summed mod 2^wire; the sum opened with the members' self-mask seeds.
-        Members that do not deliver: the epoch is run again among those that did (fresh
-        masks), so no single update is ever opened (agent/privacy/secagg.py)."""
-        privacy, n = self.plan.privacy, self.layout.size
-        dp = privacy.dp == "client"
+        """Masked updates summed mod 2^wire; the sum opened with the members' self-mask
+        secrets. Members that do not deliver: the epoch is run again among those that did
+        (fresh masks), so no single update is ever opened (agent/privacy/secagg.py)."""
+        privacy = self.plan.privacy
         members = sorted(s for s in self.plan.sites if s in self.secagg_keys)
         bits = secagg.code_bits(self.plan.compression.quantize)
         epoch = max(self._last_epoch + 1, int(time.time()))  # later than any before a restart
-        sent, epochs, timing = 0, [], {"unmask_s": 0.0}
+        sent, epochs = 0, []
         while True:
             if len(members) < 2:
                 raise FedsiloError(f"round {rnd}: secure aggregation needs at least 2 sites "
                                    f"with a registered key; have {members}")
             self._last_epoch = epoch
             fallback = max(caps.values(), default=1.0)
-            weights = {s: 1 for s in members} if dp else secagg.integer_weights(
-                {s: caps.get(s, fallback) for s in members}, bits)
+            weights = {s: 1 for s in members} if privacy.dp == "client" else \
+                secagg.integer_weights({s: caps.get(s, fallback) for s in members}, bits)
             wire = secagg.ring_bits(sum(weights.values()), bits)
-            total = secagg.MaskedSum(n, wire)
-            opened: dict[str, secagg.MaskedStream] = {}
-            escrow: dict[str, tuple[dict[str, str], str]] = {}  # site -> (sealed shares, commit)
-            codec = {"codec": "masked", "epoch": epoch, "wire": wire, "n": n}
-
-            def open_stream(topic: Topic, m: Manifest, codec: dict[str, Any] = codec,
-                            opened: dict[str, Any] = opened, total: Any = total,
-                            members: list[str] = members, escrow: dict[str, Any] = escrow
-                            ) -> secagg.MaskedStream | None:
-                if m.body_kind is not BodyKind.UPDATE or m.round != rnd \
-                        or m.meta.get("run") != self.run_id:
-                    return None
-                site = topic.sender
-                if site not in members:
-                    raise ProtocolError("not_a_member", site)
-                if site in opened:
-                    raise ProtocolError("duplicate_update", site)
-                _validated_report(m.meta)
-                if m.meta.get("update") != codec:
-                    raise ProtocolError("bad_field", "update (not this epoch's masking)")
-                if m.body_len != n * codec["wire"] // 8:
-                    raise ProtocolError("bad_update_size", f"{m.body_len} bytes")
-                shares, commit = m.meta.get("shares"), m.meta.get("commitment")
-                if not isinstance(shares, dict) or set(shares) != set(members) - {site} \
-                        or not all(isinstance(v, str) and len(v) < 256
-                                   for v in shares.values()) \
-                        or not isinstance(commit, str) or len(commit) != 64:
-                    raise ProtocolError("bad_field", "shares")
-                escrow[site] = (shares, commit)
-                opened[site] = total.stream()
-                return opened[site]
-
-            def take(site: str, m: Manifest, body: bytes, opened: dict[str, Any] = opened
-                     ) -> dict[str, Any]:
-                if site not in opened or not opened[site].accepted or body:
-                    raise ProtocolError("not_streamed", site)
-                report = _validated_report(m.meta)
-                report["bytes_received"] = m.body_len
-                clipped = m.meta.get("clipped_values", 0)
-                report["clipped_values"] = clipped if isinstance(clipped, int) else 0
-                return report
-
-            secure = {"epoch": epoch, "members": members, "wire": wire, "weights": weights,
-                      "keys": {s: self.secagg_keys[s] for s in members}}
-            self.peer.open_stream = open_stream
-            try:
-                sent += self._broadcast(rnd, BodyKind.TASK, self._task_body(),
-                                        {**self._task_meta(rnd), "secure": secure})
-                outcome = self._collect(rnd, BodyKind.UPDATE, take, expected=set(members))
-            finally:
-                self.peer.open_stream = None
+            outcome, total, escrow, bytes_out = self._masked_epoch(rnd, epoch, members,
+                                                                   weights, wire)
+            sent += bytes_out
             arrived = sorted(outcome.reports)
             epochs.append({"epoch": epoch, "members": members, "arrived": arrived})
-            if arrived != members:
-                log.warning("round %d: %d of %d masked updates arrived (missing %s); masking "
-                            "again among the %d that did", rnd, len(arrived), len(members),
-                            ", ".join(sorted(set(members) - set(arrived))), len(arrived))
-                members, epoch = arrived, epoch + 1
-                continue
-            if privacy.dp != "none":
-                self._spend_privacy(outcome)
-            seeds, recovered = self._reveal(rnd, epoch, members, escrow)
-            if seeds is None:
-                raise FedsiloError(f"round {rnd}: fewer than {secagg.threshold(len(members))} "
-                                   f"of {len(members)} members answered the unmasking; the sum "
-                                   "cannot be opened")
-            epochs[-1]["recovered"] = recovered
-            t0 = time.perf_counter()
-            values = secagg.unmask(total.total, [seeds[s] for s in members], wire,
-                                   self.kernels)
-            mean = secagg.from_fixed(values, bound=privacy.value_bound, bits=bits,
-                                     total_weight=sum(weights.values()))
-            timing["unmask_s"] = time.perf_counter() - t0
-            self.state = State.AGGREGATING
-            self.params = self.strategy.apply_mean(self.params, mean)
-            extra = {"partial": {}, "discounted": {},
-                     "secure": {"epochs": epochs, "wire_bits": wire, "code_bits": bits,
-                                "clipped_values": sum(r["clipped_values"]
-                                                      for r in outcome.reports.values()),
-                                **timing}}
-            return outcome, {s: float(w) for s, w in weights.items()}, sent, extra
+            if arrived == members:
+                break
+            log.warning("round %d: %d of %d masked updates arrived (missing %s); masking "
+                        "again among the %d that did", rnd, len(arrived), len(members),
+                        ", ".join(sorted(set(members) - set(arrived))), len(arrived))
+            members, epoch = arrived, epoch + 1
+        if privacy.dp != "none":
+            self._spend_privacy(outcome)
+        secrets_, recovered = self._reveal(rnd, epoch, members, escrow)
+        if secrets_ is None:
+            raise FedsiloError(f"round {rnd}: fewer than {secagg.threshold(len(members))} of "
+                               f"{len(members)} members answered the unmasking; the sum "
+                               "cannot be opened")
+        epochs[-1]["recovered"] = recovered
+        t0 = time.perf_counter()
+        values = secagg.unmask(total.total, [secrets_[s] for s in members], wire, self.kernels)
+        mean = secagg.from_fixed(values, bound=privacy.value_bound, bits=bits,
+                                 total_weight=sum(weights.values()))
+        unmask_s = time.perf_counter() - t0
+        self.state = State.AGGREGATING
+        self.params = self.strategy.apply_mean(self.params, mean)
+        clipped = sum(r["clipped_values"] for r in outcome.reports.values())
+        extra = {"partial": {}, "discounted": {},
+                 "secure": {"epochs": epochs, "wire_bits": wire, "code_bits": bits,
+                            "clipped_values": clipped, "unmask_s": unmask_s}}
+        return outcome, {s: float(w) for s, w in weights.items()}, sent, extra
+
+    def _masked_epoch(self, rnd: int, epoch: int, members: list[str], weights: dict[str, int],
+                      wire: int) -> tuple[RoundOutcome, secagg.MaskedSum,
+                                          dict[str, tuple[dict[str, str], str]], int]:
+        """One epoch: the task to the members, their masked updates summed as they stream in.
+        (outcome, the masked sum, each update's sealed shares and commitment, bytes sent)."""
+        n = self.layout.size
+        total = secagg.MaskedSum(n, wire)
+        opened: dict[str, secagg.MaskedStream] = {}
+        escrow: dict[str, tuple[dict[str, str], str]] = {}
+        codec = {"codec": "masked", "epoch": epoch, "wire": wire, "n": n}
+
+        def open_stream(topic: Topic, m: Manifest) -> secagg.MaskedStream | None:
+            if m.body_kind is not BodyKind.UPDATE or m.round != rnd \
+                    or m.meta.get("run") != self.run_id:
+                return None
+            site = topic.sender
+            if site not in members:
+                raise ProtocolError("not_a_member", site)
+            if site in opened:
+                raise ProtocolError("duplicate_update", site)
+            _validated_report(m.meta)
+            if m.meta.get("update") != codec:
+                raise ProtocolError("bad_field", "update (not this epoch's masking)")
+            if m.body_len != n * wire // 8:
+                raise ProtocolError("bad_update_size", f"{m.body_len} bytes")
+            shares, commit = m.meta.get("shares"), m.meta.get("commitment")
+            if not isinstance(shares, dict) or set(shares) != set(members) - {site} \
+                    or not all(isinstance(v, str) and len(v) < 256 for v in shares.values()) \
+                    or not isinstance(commit, str) or len(commit) != 64:
+                raise ProtocolError("bad_field", "shares")
+            escrow[site] = (shares, commit)
+            opened[site] = total.stream()
+            return opened[site]
+
+        def take(site: str, m: Manifest, body: bytes) -> dict[str, Any]:
+            if site not in opened or not opened[site].accepted or body:
+                raise ProtocolError("not_streamed", site)
+            report = _validated_report(m.meta)
+            report["bytes_received"] = m.body_len
+            clipped = m.meta.get("clipped_values", 0)
+            report["clipped_values"] = clipped if isinstance(clipped, int) else 0
+            return report
+
+        secure = {"epoch": epoch, "members": members, "wire": wire, "weights": weights,
+                  "keys": {s: self.secagg_keys[s] for s in members}}
+        self.peer.open_stream = open_stream
+        try:
+            sent = self._broadcast(rnd, BodyKind.TASK, self._task_body(),
+                                   {**self._task_meta(rnd), "secure": secure})
+            outcome = self._collect(rnd, BodyKind.UPDATE, take, expected=set(members))
+        finally:
+            self.peer.open_stream = None
+        return outcome, total, escrow, sent
 
     def _reveal(self, rnd: int, epoch: int, members: list[str],
                 escrow: dict[str, tuple[dict[str, str], str]]
