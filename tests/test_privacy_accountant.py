@@ -19,8 +19,7 @@ import pytest
 
 from agent.privacy.accountant import PrivacyAccountant, subsampled_gaussian_rdp
 
-# TF-Privacy's order grid when its tutorials were published (integers only here: our
-# subsampled case leaves fractional orders out), and its classic conversion
+# TF-Privacy's integer orders when its tutorials were published, and its classic conversion
 # eps = min rdp - log(delta) / (alpha - 1) (Mironov 2017, Prop. 3).
 TF_INT_ORDERS = tuple(float(a) for a in [2, 3, 4, 5, 6, 7, 8, 9, 10, *range(12, 64)])
 
