@@ -1,0 +1,321 @@
+"""ONNX export: onnxruntime on the exported graph, fed encoded but unstandardised rows (and raw
+windowed images), gives the project's own forward pass on standardised inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import kernels.reference as REF
+from agent.config import (
+    FeatureSpec,
+    ImagingSpec,
+    ModelSpec,
+    Plan,
+    PrivacySpec,
+    StrategySpec,
+    plan_to_toml_dict,
+)
+from agent.federation.coordinator import plan_digest
+from agent.ingest.tables import encoded_columns, numeric_column_indices
+from agent.learn import onnx_export as ox
+from agent.learn import stack
+from agent.learn.layout import build_layout, init_params
+from agent.learn.modelfile import SavedModel, load_model, save_model
+from agent.learn.models import predict_proba
+from agent.learn.standardize import apply_standardization
+
+FEATURES = (
+    FeatureSpec("age", "numeric"),
+    FeatureSpec("nihss", "numeric"),
+    FeatureSpec("onset_to_door_min", "numeric"),
+    FeatureSpec("admit_year", "numeric"),  # |mean| >> std: why the graph standardises in float64
+    FeatureSpec("sex", "categorical", ("F", "M")),
+    FeatureSpec("occlusion", "categorical", ("ICA", "M1", "M2")),
+)
+MEANS = {"age": 71.3, "nihss": 11.8, "onset_to_door_min": 94.0, "admit_year": 2019.6}
+SCALES = {"age": 12.4, "nihss": 6.7, "onset_to_door_min": 51.0, "admit_year": 1.3}
+IMAGING = ImagingSpec(depth=8, size=32)
+CREATED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+TOL = 1e-5
+
+MODELS = {
+    "logistic": ModelSpec("logistic"),
+    "mlp": ModelSpec("mlp", hidden=(16, 8)),
+    "cnn_k3": ModelSpec("cnn_fused", hidden=(16,), conv_channels=(4, 8), kernel_size=3),
+    "cnn_k5": ModelSpec("cnn_fused", hidden=(16,), conv_channels=(4, 8), kernel_size=5),
+}
+
+
+def make_plan(spec: ModelSpec, privacy: PrivacySpec | None = None) -> Plan:
+    return Plan(federation="stroke-eu", sites=("north", "south", "east"), rounds=7, min_sites=2,
+                round_deadline_s=60.0, target="mrs_good", features=FEATURES, model=spec,
+                strategy=StrategySpec("fedavg"), seed=3,
+                imaging=IMAGING if spec.conv_channels else None,
+                privacy=privacy or PrivacySpec())
+
+
+def make_saved(spec: ModelSpec, seed: int = 0, privacy: PrivacySpec | None = None
+               ) -> tuple[SavedModel, Plan]:
+    """A SavedModel built directly: seeded init plus a seeded perturbation (biases non-zero)."""
+    plan = make_plan(spec, privacy)
+    columns = encoded_columns(FEATURES)
+    image = (IMAGING.depth, IMAGING.size, IMAGING.size) if spec.conv_channels else None
+    layout = build_layout(spec, len(columns), image)
+    rng = np.random.default_rng(100 + seed)
+    params = (init_params(layout, seed)
+              + rng.normal(0.0, 0.1, layout.size)).astype(np.float32)
+    mean, scale = np.zeros(len(columns)), np.ones(len(columns))
+    for i in numeric_column_indices(FEATURES):
+        mean[i], scale[i] = MEANS[columns[i]], SCALES[columns[i]]
+    norm = None
+    if image is not None:
+        voxels = math.prod(image)
+        norm = np.concatenate([rng.uniform(0.2, 0.6, voxels),
+                               rng.uniform(0.05, 0.3, voxels)]).astype(np.float32)
+    saved = SavedModel(layout=layout, params=params, columns=columns, mean=mean, scale=scale,
+                       plan=plan_to_toml_dict(plan), image_norm=norm)
+    # Centre the logits (shift the output bias by their median on a calibration batch): a
+    # random conv stack's pooled ReLU features push every probability to one end, and parity
+    # on saturated probabilities would prove little.
+    p = project_proba(saved, encoded_rows(32, 900 + seed),
+                      raw_images(saved, 32, 800 + seed) if image is not None else None)
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    last_bias = layout.views(params)[stack.dense_layers(layout)[-1][1]]
+    last_bias -= np.float32(np.median(np.log(p) - np.log1p(-p)))
+    return saved, plan
+
+
+def encoded_rows(n: int, seed: int) -> np.ndarray:
+    """Rows as agent.ingest.tables encodes them: raw numeric values (some NaN = missing),
+    one-hot categoricals in declared level order (some all zero = missing)."""
+    rng = np.random.default_rng(seed)
+    columns = encoded_columns(FEATURES)
+    x = np.zeros((n, len(columns)), dtype=np.float64)
+    for i in numeric_column_indices(FEATURES):
+        x[:, i] = MEANS[columns[i]] + 1.5 * SCALES[columns[i]] * rng.standard_normal(n)
+    x[:, columns.index("admit_year")] = rng.integers(2016, 2024, n)
+    x[rng.random((n, len(columns))) < 0.1] = np.nan
+    pos = 0
+    for f in FEATURES:
+        if f.type == "categorical":
+            pick = rng.integers(-1, len(f.levels), n)  # -1: missing, all zeros
+            for j in range(len(f.levels)):
+                x[:, pos + j] = (pick == j).astype(np.float64)
+            pos += len(f.levels)
+        else:
+            pos += 1
+    return x.astype(np.float32)
+
+
+def raw_images(saved: SavedModel, n: int, seed: int) -> np.ndarray:
+    """Windowed (0..1) images on the plan's grid, as preprocessing yields them, spread around
+    the federation's average head as real series would be."""
+    rng = np.random.default_rng(seed)
+    mean, scale = (a.reshape(saved.layout.image_shape) for a in np.split(saved.image_norm, 2))
+    noise = rng.standard_normal((n, *saved.layout.image_shape))
+    return np.clip(mean + scale * noise, 0.0, 1.0).astype(np.float32)
+
+
+def project_proba(saved: SavedModel, x: np.ndarray, images: np.ndarray | None) -> np.ndarray:
+    """The project's own path: apply_standardization, the site's image standardisation, then
+    models.predict_proba with the reference kernels."""
+    xs = apply_standardization(x, saved.mean, saved.scale)
+    std = None
+    if images is not None:
+        mean, scale = np.split(saved.image_norm, 2)
+        shape = images.shape[1:]
+        std = ((images - mean.reshape(shape)) / scale.reshape(shape)).astype(np.float32)
+    return predict_proba(saved.layout, saved.params, xs, REF, std)
+
+
+def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_proba(sess: ort.InferenceSession, x: np.ndarray,
+               images: np.ndarray | None) -> np.ndarray:
+    feeds = {ox.INPUT_FEATURES: x, **({ox.INPUT_IMAGE: images} if images is not None else {})}
+    return sess.run([ox.OUTPUT], feeds)[0]
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """name -> (SavedModel, Plan, exported ModelProto, session), built once per module."""
+    out = {}
+    for i, (name, spec) in enumerate(MODELS.items()):
+        saved, plan = make_saved(spec, seed=i)
+        model = ox.to_onnx(saved, created=CREATED)
+        out[name] = (saved, plan, model, session(model))
+    return out
+
+
+@pytest.mark.parametrize("name,n", [("logistic", 64), ("mlp", 64), ("cnn_k3", 3),
+                                    ("cnn_k5", 3), ("cnn_k3", 64), ("cnn_k5", 64)])
+def test_parity_with_project_forward(exported, name, n):
+    saved, _plan, _model, sess = exported[name]
+    x = encoded_rows(n, seed=n)
+    images = raw_images(saved, n, seed=n + 1) if saved.layout.image_shape else None
+    want = project_proba(saved, x, images)
+    got = onnx_proba(sess, x, images)
+    assert got.dtype == np.float32 and got.shape == want.shape == (n,)
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    print(f"{name} N={n}: max |onnx - project| = {err:.3g}")
+    assert err <= TOL
+    assert np.ptp(want) > 0.1  # not a saturated model that would match anything
+
+
+@pytest.mark.parametrize("name", ["cnn_k3", "cnn_k5"])
+def test_parity_on_flat_images_with_ties(exported, name):
+    """Images equal to the federation's mean standardise to zeros: every pooling window in the
+    interior ties and only the zero padding shapes the borders."""
+    saved, _plan, _model, sess = exported[name]
+    mean = np.split(saved.image_norm, 2)[0].reshape(saved.layout.image_shape)
+    images = np.stack([mean, mean + 0.5 * (np.indices(mean.shape).sum(0) % 2)]
+                      ).astype(np.float32)
+    x = encoded_rows(2, seed=9)
+    np.testing.assert_allclose(onnx_proba(sess, x, images), project_proba(saved, x, images),
+                               rtol=0, atol=TOL)
+
+
+def test_graph_standardises_like_apply_standardization(exported):
+    """The standardised features (an inner tensor made an output here) are bit for bit what
+    apply_standardization gives, NaN -> 0 included, even for the year column."""
+    saved, _plan, model, _sess = exported["mlp"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(
+        "features_standardized", onnx.TensorProto.FLOAT, [ox.BATCH, len(saved.columns)]))
+    x = encoded_rows(64, seed=5)
+    assert np.isnan(x).any()
+    got = session(probe).run(["features_standardized"], {ox.INPUT_FEATURES: x})[0]
+    np.testing.assert_array_equal(got, apply_standardization(x, saved.mean, saved.scale))
+
+
+def test_checker_opset_and_io(exported):
+    for name, (saved, _plan, model, _sess) in exported.items():
+        onnx.checker.check_model(model, full_check=True)
+        assert model.ir_version == ox.IR_VERSION == 7
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", ox.OPSET)]
+        assert ox.OPSET <= 13
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                  for i in model.graph.input}
+        want = {ox.INPUT_FEATURES: [ox.BATCH, len(saved.columns)]}
+        if name.startswith("cnn"):
+            want[ox.INPUT_IMAGE] = [ox.BATCH, IMAGING.depth, IMAGING.size, IMAGING.size]
+        assert inputs == want
+        (out,) = model.graph.output
+        assert out.name == ox.OUTPUT
+        assert [d.dim_param for d in out.type.tensor_type.shape.dim] == [ox.BATCH]
+        ops = {node.op_type for node in model.graph.node}
+        assert ("Conv" in ops) == name.startswith("cnn")
+
+
+def test_conv_nodes_follow_the_convention(exported):
+    for name, k in (("cnn_k3", 3), ("cnn_k5", 5)):
+        model = exported[name][2]
+        attrs = {n.op_type: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                 for n in model.graph.node}
+        assert attrs["Conv"]["pads"] == [k // 2] * 4 == [ox.FORWARD.pad(k)] * 4
+        assert attrs["Conv"]["strides"] == [1, 1]
+        assert attrs["MaxPool"]["kernel_shape"] == attrs["MaxPool"]["strides"] == [2, 2]
+    assert ox.FORWARD.padding == "same" and ox.FORWARD.pool == 2
+    with pytest.raises(ValueError):
+        ox.FORWARD.pad(4)
+
+
+def test_model_card_round_trip(exported):
+    for name, (saved, plan, model, _sess) in exported.items():
+        card = ox.model_card(model)
+        assert card == ox.build_model_card(saved, created=CREATED)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in card.items())
+        assert card["research_use_only"] == "true"
+        assert card["federation"] == "stroke-eu" and card["rounds"] == "7"
+        assert card["plan_sha256"] == plan_digest(plan)
+        assert card["strategy"] == "fedavg"
+        assert card["model_kind"] == saved.layout.kind
+        assert card["layout_sha256"] == saved.layout.digest()
+        assert card["created_utc"] == "2025-03-04T05:06:07+00:00"
+        assert json.loads(card["columns"]) == list(saved.columns)
+        features = json.loads(card["features"])
+        assert [f["name"] for f in features] == [f.name for f in FEATURES]
+        assert features[4] == {"name": "sex", "type": "categorical", "levels": ["F", "M"],
+                               "columns": [4, 5]}
+        assert features[0] == {"name": "age", "type": "numeric", "levels": [], "columns": [0]}
+        assert "privacy" not in card  # a plan without [privacy]
+        assert ("imaging" in card) == name.startswith("cnn")
+    imaging = json.loads(ox.model_card(exported["cnn_k3"][2])["imaging"])
+    assert imaging == {"modality": "CT", "depth": 8, "size": 32, "window_center": 40.0,
+                       "window_width": 80.0}
+
+
+def test_model_card_privacy_and_extra():
+    privacy = PrivacySpec(min_cell=20, dp="client", dp_clip=0.5, dp_noise_multiplier=1.1)
+    saved, plan = make_saved(MODELS["logistic"], privacy=privacy)
+    model = ox.to_onnx(saved, created=CREATED, extra={"run": "r-42"})
+    card = ox.model_card(model)
+    assert json.loads(card["privacy"]) == privacy.to_dict()
+    assert card["run"] == "r-42" and card["plan_sha256"] == plan_digest(plan)
+    assert card == ox.build_model_card(saved, created=CREATED, extra={"run": "r-42"})
+    with pytest.raises(ValueError, match="extra"):
+        ox.build_model_card(saved, created=CREATED, extra={"federation": "other"})
+
+
+def test_written_and_reloaded_from_disk(exported, tmp_path):
+    saved, _plan, model, sess = exported["cnn_k3"]
+    path = ox.save_onnx(saved, tmp_path / "sub" / "model.onnx", created=CREATED)
+    again = ox.load_onnx(path)
+    assert ox.model_card(again) == ox.model_card(model)
+    assert again.SerializeToString() == model.SerializeToString()
+    x, images = encoded_rows(3, seed=11), raw_images(saved, 3, seed=12)
+    from_disk = onnx_proba(session(str(path)), x, images)
+    np.testing.assert_array_equal(from_disk, onnx_proba(sess, x, images))
+    np.testing.assert_allclose(from_disk, project_proba(saved, x, images), rtol=0, atol=TOL)
+
+
+def test_export_of_a_model_read_back_by_modelfile(exported, tmp_path):
+    """model.json + model.f32 as the coordinator writes them export to the same graph."""
+    saved, _plan, model, _sess = exported["cnn_k5"]
+    save_model(tmp_path / "model", saved)
+    again = ox.to_onnx(load_model(tmp_path / "model"), created=CREATED)
+    assert again.SerializeToString() == model.SerializeToString()
+
+
+def test_damaged_file_is_refused(exported, tmp_path):
+    path = ox.save_onnx(exported["logistic"][0], tmp_path / "m.onnx", created=CREATED)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError or the checker's error
+        ox.load_onnx(path)
+
+
+def _replace(saved: SavedModel, **changes) -> SavedModel:
+    return SavedModel(**{**saved.__dict__, **changes})
+
+
+def test_inconsistent_models_are_refused():
+    saved, _ = make_saved(MODELS["mlp"])
+    cnn, _ = make_saved(MODELS["cnn_k3"])
+    bad = {
+        "columns": _replace(saved, columns=saved.columns[:-1]),
+        "params": _replace(saved, params=saved.params.astype(np.float64)),
+        "scale": _replace(saved, scale=np.zeros_like(saved.scale)),
+        "image_norm": _replace(cnn, image_norm=None),
+        "image_norm on mlp": _replace(saved, image_norm=cnn.image_norm),
+        "names": _replace(saved, columns=tuple(reversed(saved.columns))),
+    }
+    for what, model in bad.items():
+        with pytest.raises(ValueError):
+            ox.to_onnx(model, created=CREATED)
+            pytest.fail(f"{what} accepted")
+    with pytest.raises(ValueError, match="timezone"):
+        ox.to_onnx(saved, created=datetime(2025, 1, 1))
