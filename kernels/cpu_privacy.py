@@ -17,11 +17,12 @@ into a float64 buffer: deterministic, and independent of the thread count.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kernels.cpu_jit import jit as _jit
 from kernels.cpu_jit import parallel as _parallel
 from kernels.cpu_jit import pjit as _pjit
+from kernels.cpu_robust import _sq_norm
 from kernels.ref_privacy import SIGMA, check_clip, check_masks, check_rows
 
 _LANES = 16  # blocks generated together (16 uint32 lanes = one AVX-512 register)
@@ -155,18 +156,8 @@ def _mask_parallel(acc, kw, signs, nonce, start, b0, b1):  # pragma: no cover - 
 # ---------------------------------------------------------------------------- clipping
 
 
-# Reassociation only for the float64 sum of squares of one row (SIMD lanes); it stays inside
-# one thread, so the order is fixed for a given machine (as kernels.cpu_robust does).
-_sum_jit = njit(cache=True, fastmath={"reassoc"})
-
-
-@_sum_jit
-def _sq_norm(x):  # pragma: no cover - compiled
-    s = 0.0
-    for c in range(x.shape[0]):
-        v = np.float64(x[c])
-        s += v * v
-    return s
+# A row's float64 sum of squares: kernels.cpu_robust's (SIMD reassociation inside one
+# thread, so the order is fixed for a given machine).
 
 
 @_jit

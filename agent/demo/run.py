@@ -48,6 +48,7 @@ from agent.learn.modelfile import load_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
 from agent.ops.report import write_report
+from agent.privacy.accountant import noise_multiplier_for_budget
 from agent.security.pki import PKI
 
 # `fedsilo demo` trains a small MLP and sends int8 codes of the top 5 % of each update (with
@@ -210,8 +211,6 @@ def demo_privacy(secure: bool, dp_epsilon: float | None, rounds: int) -> Privacy
     """`--secure` and `--dp-epsilon X`: the noise is the least that lets every round fit X."""
     if dp_epsilon is None:
         return PrivacySpec(secure_aggregation=secure)
-    from agent.privacy.accountant import noise_multiplier_for_budget
-
     delta = PrivacySpec().dp_delta
     sigma = noise_multiplier_for_budget(dp_epsilon, delta, rounds)
     return PrivacySpec(secure_aggregation=secure, dp="client", dp_clip=DEMO_DP_CLIP,

@@ -48,6 +48,8 @@ from agent.ops.sdnotify import Notifier
 from agent.ops.statedir import StateError, describe, ensure_writable
 from agent.ops.status import State, encode_status, host_vitals, offline_status, status_document
 from agent.privacy import secagg
+from agent.privacy.accountant import PrivacyAccountant
+from agent.privacy.dp import gaussian_noise
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,7 @@ class Coordinator:
         self.declined: dict[str, str] = {}  # site -> why it last declined a task
         self.secagg_keys: dict[str, dict[str, Any]] = {}  # site -> its signed masking key
         self._last_epoch = 0  # of secure aggregation: each epoch's number is later
-        self.accountants: dict[str, Any] = {}  # name -> PrivacyAccountant; never reset
+        self.accountants: dict[str, PrivacyAccountant] = {}  # RDP state: never reset
         self.transport = Transport(
             f"fedsilo-{self.fed}-{config.coordinator_id}", config.broker,
             will=Will(topics.coordinator_status(self.fed),
@@ -203,7 +205,7 @@ class Coordinator:
         self.secagg_keys = dict(doc.get("secagg_keys", {}))
         self._last_epoch = int(doc.get("last_epoch", 0))
         try:
-            self.accountants = {str(k): _accountant(v)
+            self.accountants = {str(k): PrivacyAccountant.from_dict(v)
                                 for k, v in doc.get("privacy_accountants", {}).items()}
         except (ValueError, TypeError, AttributeError) as exc:
             raise FedsiloError(f"{path}: privacy accountant state unusable ({exc}); the "
@@ -596,8 +598,6 @@ class Coordinator:
             k = len(outcome.reports)
             p = self.plan.privacy
             self._spend_privacy(outcome)
-            from agent.privacy.dp import gaussian_noise
-
             mean += gaussian_noise(mean.size, p.dp_noise_multiplier * p.dp_clip / k)
             self.params = self.strategy.apply_mean(self.params, mean)
         else:
@@ -693,7 +693,7 @@ class Coordinator:
         p = self.plan.privacy
         worst = 0.0
         for name, q, count in self._dp_steps():
-            acc = self.accountants.setdefault(name, _accountant())
+            acc = self.accountants.setdefault(name, PrivacyAccountant())
             if after_round:
                 eps = acc.would_exceed(p.dp_noise_multiplier, q, count, float("inf"),
                                        p.dp_delta)[1]
@@ -707,12 +707,12 @@ class Coordinator:
         p = self.plan.privacy
         if p.dp == "none":
             return True
-        if self._epsilon(after_round=True) <= p.dp_epsilon:
+        after = self._epsilon(after_round=True)
+        if after <= p.dp_epsilon:
             return True
         log.warning("stopping before round %d: it would spend epsilon %.3f > the plan's "
-                    "budget %.3f (delta %g); %.3f spent", self.current_round + 1,
-                    self._epsilon(after_round=True), p.dp_epsilon, p.dp_delta,
-                    self._epsilon())
+                    "budget %.3f (delta %g); %.3f spent", self.current_round + 1, after,
+                    p.dp_epsilon, p.dp_delta, self._epsilon())
         return False
 
     def _spend_privacy(self, outcome: RoundOutcome) -> None:
@@ -721,7 +721,7 @@ class Coordinator:
         p = self.plan.privacy
         for name, q, count in self._dp_steps():
             if name == "federation" or name in outcome.reports:
-                self.accountants.setdefault(name, _accountant()).step(
+                self.accountants.setdefault(name, PrivacyAccountant()).step(
                     p.dp_noise_multiplier, q=q, count=count)
         self._save_checkpoint()
 
@@ -970,13 +970,6 @@ class Coordinator:
             self.transport.close(final=(topics.coordinator_status(self.fed), offline_status(
                 role="coordinator", identity=self.config.coordinator_id, federation=self.fed,
                 reason="stopped")) if self.state is not State.FINISHED else None)
-
-
-def _accountant(state: dict[str, Any] | None = None) -> Any:
-    """A privacy accountant, new or from its checkpointed state (imported only with DP)."""
-    from agent.privacy.accountant import PrivacyAccountant
-
-    return PrivacyAccountant() if state is None else PrivacyAccountant.from_dict(state)
 
 
 def _finite(v: Any) -> bool:

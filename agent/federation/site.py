@@ -64,6 +64,7 @@ from agent.ops.status import (
 )
 from agent.ops.throttle import Throttle
 from agent.privacy import secagg
+from agent.privacy.dp import clip_to_norm, gaussian_noise, secure_rng, site_noise_std
 from agent.privacy.ledger import Ledger
 from agent.privacy.secsite import SecureState
 
@@ -573,8 +574,6 @@ class Site:
                   "train_seconds": float(result.seconds), "eval": evaluation}
         privacy = plan.privacy
         if privacy.dp == "client":  # each site's contribution bounded: the sensitivity
-            from agent.privacy.dp import clip_to_norm
-
             delta, norm = clip_to_norm(delta, privacy.dp_clip)
             report["dp_clipped"] = bool(norm > privacy.dp_clip)
         if privacy.secure_aggregation:
@@ -622,8 +621,6 @@ class Site:
         seeds = {peer: secagg.pair_seed(key, public, federation=self.fed, run=self.run_id,
                                         rnd=m.round, epoch=epoch, a=self.site_id, b=peer)
                  for peer, public in publics.items()}
-        from agent.privacy.dp import gaussian_noise, secure_rng, site_noise_std
-
         privacy = plan.privacy
         rng = secure_rng()
         if privacy.dp == "client":  # this site's share of the noise on the sum
@@ -703,8 +700,6 @@ class Site:
         privacy = plan.privacy
         dp_sgd = None
         if privacy.dp == "sample":
-            from agent.privacy.dp import gaussian_noise
-
             dp_sgd = DpSgd(privacy.dp_clip, privacy.dp_noise_multiplier, gaussian_noise)
         result = train_local(layout, params, x[data.train], data.y[data.train],
                              training, seed=plan.seed * 100_003 + rnd,

@@ -16,7 +16,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.errors import ProtocolError
 from agent.ops.atomic import write_bytes_atomic
@@ -96,8 +95,3 @@ class SecureState:
             last.revealed, last.revealed_for = True, list(members)
             self._save()
         return last.seed
-
-    def describe(self) -> dict[str, Any] | None:
-        e = self.last
-        return None if e is None else {"round": e.round, "epoch": e.epoch,
-                                       "members": len(e.members), "revealed": e.revealed}
