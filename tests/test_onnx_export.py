@@ -32,7 +32,7 @@ from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
 
 FEATURES = (
-    FeatureSpec("age", "numeric"),
+    FeatureSpec("age", "numeric", unit="years"),
     FeatureSpec("nihss", "numeric"),
     FeatureSpec("onset_to_door_min", "numeric"),
     FeatureSpec("admit_year", "numeric"),  # |mean| >> std: why the graph standardises in float64
@@ -155,8 +155,18 @@ def exported():
     out = {}
     for i, (name, spec) in enumerate(MODELS.items()):
         saved, plan = make_saved(spec, seed=i)
-        model = ox.to_onnx(saved, created=CREATED)
+        model = ox.to_onnx(saved, clinical=ox.ENCODED, created=CREATED)
         out[name] = (saved, plan, model, session(model))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported_raw():
+    """name -> (SavedModel, session of the RAW-input export)."""
+    out = {}
+    for i, (name, spec) in enumerate(MODELS.items()):
+        saved, _plan = make_saved(spec, seed=i)
+        out[name] = (saved, session(ox.to_onnx(saved, created=CREATED)))
     return out
 
 
@@ -237,7 +247,8 @@ def test_conv_nodes_follow_the_convention(exported):
 def test_model_card_round_trip(exported):
     for name, (saved, plan, model, _sess) in exported.items():
         card = ox.model_card(model)
-        assert card == ox.build_model_card(saved, created=CREATED)
+        assert card == ox.build_model_card(saved, created=CREATED,
+                                           extra={"clinical_inputs": "encoded"})
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in card.items())
         assert card["research_use_only"] == "true"
         assert card["federation"] == "stroke-eu" and card["rounds"] == "7"
@@ -250,8 +261,9 @@ def test_model_card_round_trip(exported):
         features = json.loads(card["features"])
         assert [f["name"] for f in features] == [f.name for f in FEATURES]
         assert features[4] == {"name": "sex", "type": "categorical", "levels": ["F", "M"],
-                               "columns": [4, 5]}
-        assert features[0] == {"name": "age", "type": "numeric", "levels": [], "columns": [0]}
+                               "unit": "", "columns": [4, 5]}
+        assert features[0] == {"name": "age", "type": "numeric", "levels": [], "unit": "years",
+                               "columns": [0]}
         assert "privacy" not in card  # a plan without [privacy]
         assert ("imaging" in card) == name.startswith("cnn")
     imaging = json.loads(ox.model_card(exported["cnn_k3"][2])["imaging"])
@@ -266,14 +278,17 @@ def test_model_card_privacy_and_extra():
     card = ox.model_card(model)
     assert json.loads(card["privacy"]) == privacy.to_dict()
     assert card["run"] == "r-42" and card["plan_sha256"] == plan_digest(plan)
-    assert card == ox.build_model_card(saved, created=CREATED, extra={"run": "r-42"})
+    assert card["clinical_inputs"] == "raw"
+    assert card == ox.build_model_card(saved, created=CREATED,
+                                       extra={"run": "r-42", "clinical_inputs": "raw"})
     with pytest.raises(ValueError, match="extra"):
         ox.build_model_card(saved, created=CREATED, extra={"federation": "other"})
 
 
 def test_written_and_reloaded_from_disk(exported, tmp_path):
     saved, _plan, model, sess = exported["cnn_k3"]
-    path = ox.save_onnx(saved, tmp_path / "sub" / "model.onnx", created=CREATED)
+    path = ox.save_onnx(saved, tmp_path / "sub" / "model.onnx", clinical=ox.ENCODED,
+                        created=CREATED)
     again = ox.load_onnx(path)
     assert ox.model_card(again) == ox.model_card(model)
     assert again.SerializeToString() == model.SerializeToString()
@@ -287,7 +302,7 @@ def test_export_of_a_model_read_back_by_modelfile(exported, tmp_path):
     """model.json + model.f32 as the coordinator writes them export to the same graph."""
     saved, _plan, model, _sess = exported["cnn_k5"]
     save_model(tmp_path / "model", saved)
-    again = ox.to_onnx(load_model(tmp_path / "model"), created=CREATED)
+    again = ox.to_onnx(load_model(tmp_path / "model"), clinical=ox.ENCODED, created=CREATED)
     assert again.SerializeToString() == model.SerializeToString()
 
 
@@ -319,3 +334,124 @@ def test_inconsistent_models_are_refused():
             pytest.fail(f"{what} accepted")
     with pytest.raises(ValueError, match="timezone"):
         ox.to_onnx(saved, created=datetime(2025, 1, 1))
+
+
+# ------------------------------------------------------------------ raw clinical inputs
+
+NUMERIC_CELLS = ("", "NA", " n/a ", ".", "null")  # missing, as the table reader reads them
+LEVEL_CELLS = {"sex": ("F", "M", "f", " m ", "", "NA", "None"),
+               "occlusion": ("ICA", "M1", "m2", "ica", " M2", "", "nan")}
+
+
+def raw_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Rows as a hospital CSV holds them: numbers as text with padding and missing tokens,
+    levels in mixed case, padded, or missing."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        row = {}
+        for f in FEATURES:
+            if f.type == "categorical":
+                row[f.name] = str(rng.choice(LEVEL_CELLS[f.name]))
+            elif rng.random() < 0.1:
+                row[f.name] = str(rng.choice(NUMERIC_CELLS))
+            elif f.name == "admit_year":
+                row[f.name] = str(int(rng.integers(2016, 2024)))
+            else:
+                value = MEANS[f.name] + 1.5 * SCALES[f.name] * rng.standard_normal()
+                row[f.name] = f" {value:.3f}"
+        row["mrs_good"] = str(int(rng.integers(0, 2)))
+        rows.append(row)
+    return rows
+
+
+def read_as_training_does(tmp_path, rows, missing="mean"):
+    """The same rows through agent.ingest.tables.load_table (a real CSV file)."""
+    import csv
+
+    from agent.ingest.tables import load_table
+
+    path = tmp_path / f"rows-{len(rows)}-{missing}.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return load_table(path, FEATURES, "mrs_good", missing)
+
+
+@pytest.mark.parametrize("name,n", [("logistic", 64), ("mlp", 64), ("cnn_k3", 5),
+                                    ("cnn_k5", 5)])
+def test_raw_inputs_encode_like_the_table_reader(exported_raw, tmp_path, name, n):
+    """CSV text in, the table reader's encoding and the project's forward pass out."""
+    saved, sess = exported_raw[name]
+    rows = raw_rows(n, seed=40 + n)
+    table = read_as_training_does(tmp_path, rows)
+    assert table.n_rows == n  # every cell here is readable (missing is not a skip reason)
+    images = raw_images(saved, n, seed=7) if saved.layout.image_shape else None
+    feeds = ox.row_feeds(FEATURES, rows)
+    if images is not None:
+        feeds[ox.INPUT_IMAGE] = images
+    got = sess.run([ox.OUTPUT], feeds)[0]
+    want = project_proba(saved, table.x, images)
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    print(f"{name} raw N={n}: max |onnx - project| = {err:.3g}")
+    assert err <= TOL and np.ptp(want) > 0.05
+
+
+def test_raw_encoding_is_bit_for_bit_the_readers(exported_raw, tmp_path):
+    saved, _sess = exported_raw["mlp"]
+    probe = ox.to_onnx(saved, created=CREATED)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(
+        "features_encoded", onnx.TensorProto.FLOAT, [ox.BATCH, len(saved.columns)]))
+    rows = raw_rows(200, seed=3)
+    got = session(probe).run(["features_encoded"], ox.row_feeds(FEATURES, rows))[0]
+    want = read_as_training_does(tmp_path, rows).x.astype(np.float32)
+    np.testing.assert_array_equal(got, want)  # NaN where missing, in the same cells
+
+
+def test_unknown_level_gives_nan_where_training_skips_the_row(exported_raw, tmp_path):
+    saved, sess = exported_raw["logistic"]
+    rows = raw_rows(6, seed=5)
+    rows[2]["occlusion"] = "basilar"  # not a declared level
+    got = sess.run([ox.OUTPUT], ox.row_feeds(FEATURES, rows))[0]
+    assert np.isnan(got[2]) and np.isfinite(np.delete(got, 2)).all()
+    table = read_as_training_does(tmp_path, rows)
+    assert table.skipped == {"unknown_level:occlusion": 1}
+    np.testing.assert_allclose(np.delete(got, 2), project_proba(saved, table.x, None), atol=TOL)
+
+
+def test_policy_drop_leaves_missing_rows_unscored(tmp_path):
+    spec = MODELS["mlp"]
+    saved, _ = make_saved(spec)
+    plan = Plan(**{**make_plan(spec).__dict__, "missing": "drop"})
+    saved = _replace(saved, plan=plan_to_toml_dict(plan))
+    rows = raw_rows(40, seed=8)
+    got = session(ox.to_onnx(saved, created=CREATED)).run(
+        [ox.OUTPUT], ox.row_feeds(FEATURES, rows))[0]
+    table = read_as_training_does(tmp_path, rows, missing="drop")
+    kept = table.row_numbers - 1
+    assert 0 < len(kept) < 40
+    assert np.isnan(np.delete(got, kept)).all()
+    np.testing.assert_allclose(got[kept], project_proba(saved, table.x, None), atol=TOL)
+
+
+def test_raw_graph_interface(exported_raw):
+    saved, _ = exported_raw["cnn_k3"]
+    model = ox.to_onnx(saved, created=CREATED)
+    assert sorted((o.domain, o.version) for o in model.opset_import) == [
+        ("", ox.OPSET), (ox.ML_DOMAIN, ox.ML_OPSET)]
+    kinds = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert list(kinds) == [f.name for f in FEATURES] + [ox.INPUT_IMAGE]
+    assert kinds["sex"] == onnx.TensorProto.STRING
+    assert kinds["age"] == kinds[ox.INPUT_IMAGE] == onnx.TensorProto.FLOAT
+
+
+def test_row_feeds_name_what_is_wrong():
+    rows = raw_rows(2, seed=1)
+    del rows[1]["nihss"]
+    with pytest.raises(ValueError, match="row 2: no value for feature 'nihss'"):
+        ox.row_feeds(FEATURES, rows)
+    rows = raw_rows(2, seed=1)
+    rows[0]["age"] = "seventy"
+    with pytest.raises(ValueError, match="row 1: feature 'age': unparseable"):
+        ox.row_feeds(FEATURES, rows)

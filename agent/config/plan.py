@@ -39,6 +39,7 @@ DP_MODES = ("none", "client", "sample")
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 MISSING_POLICIES = ("mean", "drop")
 FEATURE_TYPES = ("numeric", "categorical")
+MAX_UNIT = 32
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class FeatureSpec:
     name: str
     type: str  # "numeric" | "categorical"
     levels: tuple[str, ...] = ()
+    unit: str = ""  # e.g. "years", "mmol/L": shown on the exported model's card, not used
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,10 @@ class Plan:
             "min_sites": self.min_sites,
             "round_deadline_s": self.round_deadline_s,
             "target": self.target,
+            # A unit only when declared, so plans from before units keep their digest.
             "features": [
-                {"name": f.name, "type": f.type, "levels": list(f.levels)} for f in self.features
+                {"name": f.name, "type": f.type, "levels": list(f.levels),
+                 **({"unit": f.unit} if f.unit else {})} for f in self.features
             ],
             "missing": self.missing,
             "model": {"kind": self.model.kind, "hidden": list(self.model.hidden),
@@ -236,7 +240,7 @@ def _features(file: str, raw: Any) -> tuple[FeatureSpec, ...]:
     seen: set[str] = set()
     for i, item in enumerate(raw):
         r = _Reader(file, item, f"features[{i}]")
-        r.reject_unknown({"name", "type", "levels"})
+        r.reject_unknown({"name", "type", "levels", "unit"})
         name = r.pattern("name", COLUMN_PATTERN, "column name", ...)
         if name in seen:
             raise r.fail("name", f"duplicate feature {name!r}")
@@ -252,7 +256,10 @@ def _features(file: str, raw: Any) -> tuple[FeatureSpec, ...]:
             levels = tuple(raw_levels)
         elif "levels" in item:
             raise r.fail("levels", "only categorical features have levels")
-        out.append(FeatureSpec(name=name, type=ftype, levels=levels))
+        unit = r.get("unit", str, "")
+        if len(unit) > MAX_UNIT or not unit.isprintable():
+            raise r.fail("unit", f"must be printable text of at most {MAX_UNIT} characters")
+        out.append(FeatureSpec(name=name, type=ftype, levels=levels, unit=unit))
     return tuple(out)
 
 

@@ -332,14 +332,14 @@ def demo_features() -> tuple[FeatureSpec, ...]:
     """The demo plan's features, in the order the model sees them."""
     yes_no = ("no", "yes")
     return (
-        FeatureSpec("age", "numeric"),
+        FeatureSpec("age", "numeric", unit="years"),
         FeatureSpec("sex", "categorical", ("female", "male")),
-        FeatureSpec("nihss", "numeric"),
-        FeatureSpec("onset_to_door_min", "numeric"),
-        FeatureSpec("glucose_mmol_l", "numeric"),
-        FeatureSpec("systolic_bp", "numeric"),
+        FeatureSpec("nihss", "numeric", unit="NIHSS points 0-42"),
+        FeatureSpec("onset_to_door_min", "numeric", unit="min"),
+        FeatureSpec("glucose_mmol_l", "numeric", unit="mmol/L"),
+        FeatureSpec("systolic_bp", "numeric", unit="mmHg"),
         FeatureSpec("atrial_fibrillation", "categorical", yes_no),
-        FeatureSpec("prestroke_mrs", "numeric"),
+        FeatureSpec("prestroke_mrs", "numeric", unit="mRS 0-5"),
         FeatureSpec("thrombolysis", "categorical", yes_no),
         FeatureSpec("thrombectomy", "categorical", yes_no),
     )

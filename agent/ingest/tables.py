@@ -261,6 +261,23 @@ class _RowEncoder:
         return out
 
 
+def numeric_value(cell: Any) -> float:
+    """One numeric cell read as training reads it (NaN when missing), for scoring single rows
+    outside a table; ValueError with the reason ("unparseable", "non_finite") otherwise."""
+    value = _parse_number(cell)
+    if isinstance(value, _Missing):
+        return math.nan
+    if isinstance(value, str):
+        raise ValueError(value)
+    return float(value)
+
+
+def category_value(cell: Any) -> str:
+    """One categorical cell as training reads it: the trimmed text, "" when missing."""
+    text = _category_text(cell)
+    return "" if isinstance(text, _Missing) else text
+
+
 _NO_TARGET = object()  # the target cell of a table read without outcomes
 
 

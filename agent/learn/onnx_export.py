@@ -16,23 +16,35 @@ opset of whatever `onnx` package is installed (helper.make_model's default) woul
 runtimes a hospital is slow to update. Squeeze takes its axes as an input from opset 13 on,
 which is the form written here.
 
-Inputs and output (names in INPUT_FEATURES, INPUT_IMAGE, OUTPUT):
-- `features` float32 [N, n_columns]: the clinical row encoded as `agent.ingest.tables` encodes
-  it (numeric features as their value, NaN where missing under policy "mean"; categorical ones
-  one-hot over the declared levels in declared order, all zeros where missing), columns in
-  `SavedModel.columns` order, NOT standardised. The graph standardises: (x - mean) / scale in
-  float64, like `apply_standardization` (a float32 mean of a column such as a calendar year
-  would shift its standardised value by ~1e-4), then NaN -> 0 (mean imputation).
+Inputs and output. `to_onnx(clinical="raw")` (the default, what `fedsilo model export` writes)
+takes the clinical row as a hospital system holds it, one input per plan feature, named as the
+feature, in plan order:
+- numeric feature: float32 [N, 1], the value in the feature's unit (the card says which), NaN
+  where missing;
+- categorical feature: string [N, 1], the level as written (trimmed), matched as training
+  matches it: exactly, else ignoring case when that is unambiguous; "" and the missing tokens
+  of `agent.ingest.tables.MISSING_TOKENS` (any case) mean missing.
+The graph encodes them as `agent.ingest.tables` does (numeric value; one-hot over the declared
+levels, all zeros where missing) into `features_encoded`, then standardises: (x - mean) / scale
+in float64, like `apply_standardization` (a float32 mean of a column such as a calendar year
+would shift its standardised value by ~1e-4), then NaN -> 0 (mean imputation; under the plan's
+missing policy "drop" nothing is imputed and such a row's probability is NaN, as training
+would have skipped it). A level the plan does not declare also gives NaN: the row cannot be
+scored, and a NaN says so where a made-up number would not.
+`clinical="encoded"` instead takes `features` float32 [N, n_columns], the row already encoded
+(`SavedModel.columns` order, not standardised), for callers that encode themselves.
 - `image` float32 [N, depth, size, size] (cnn_fused only): the series as the project's
   preprocessing yields it (HU rescale, window to 0..1, resampled grid), slices as channels
   (NCHW). The graph applies the federation's per-voxel standardisation (image_norm = [mean |
   scale]) in float32, as the site does.
 - `probability` float32 [N]: P(outcome = 1), the same shape `models.predict_proba` returns.
 
-Left for later pieces: encoding strings (a categorical value to its one-hot columns, missing
-tokens) inside the graph; the `fedsilo model export` command; scoring imaging models from the
-CLI. The card lists every feature's name, type, levels and input columns; units are not in
-the plan, so the card cannot state them.
+The categorical lookup uses ai.onnx.ml LabelEncoder (ml opset 2, onnxruntime since 1.0) and
+StringNormalizer (opset 10) for the case-insensitive match; lower-casing stands in for the
+table reader's casefold, which differs only for a few non-ASCII letters (German sharp s).
+Padding, pooling and fusion order come from `agent.learn.stack.FORWARD`, which the forward
+pass's kernels implement.
+
 """
 
 from __future__ import annotations
@@ -41,7 +53,6 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,9 +63,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent import __version__
 from agent.config import FeatureSpec, plan_from_dict
-from agent.ingest.tables import encoded_columns
+from agent.ingest.tables import MISSING_TOKENS, category_value, encoded_columns, numeric_value
 from agent.learn import stack
 from agent.learn.modelfile import SavedModel
+from agent.learn.stack import FORWARD
 from agent.ops.atomic import write_bytes_atomic
 
 OPSET = 13
@@ -65,34 +77,11 @@ OUTPUT = "probability"
 BATCH = "N"  # the symbolic batch dimension
 EXPORTABLE_KINDS = ("logistic", "mlp", "cnn_fused")  # the kinds built on agent.learn.stack
 CARD_VERSION = "1"
+ML_DOMAIN, ML_OPSET = "ai.onnx.ml", 2
+RAW, ENCODED = "raw", "encoded"  # the two clinical interfaces of to_onnx
+_MISSING_CODE, _UNKNOWN_CODE = -2, -3  # what the level lookup gives besides a level's index
 
 
-@dataclass(frozen=True)
-class ForwardConvention:
-    """What the stack's forward pass does that its tensor shapes do not say.
-
-    `agent.learn.stack` and the kernels (`kernels.ref_conv`) fix these in code, not in named
-    constants, so they are written down once here for the export and pinned against the forward
-    pass by tests/test_onnx_export.py (kernel sizes 3 and 5, ties, fusion order)."""
-
-    padding: str = "same"  # stride 1, k odd, k // 2 zeros on every side (symmetric)
-    pool: int = 2  # max-pool window and stride after each conv's ReLU; no padding
-    # Ties in a pooling window: the reference picks the first cell row-major, which only
-    # routes the gradient; the forward value (the max) is the same whichever cell wins.
-    pool_ties: str = "first cell in row-major order (forward value unaffected)"
-    image_layout: str = "NCHW: [N, depth, h, w], the slices are the conv input channels"
-    fusion: str = "globally average-pooled image features first, then the clinical columns"
-    feature_order: str = "SavedModel.columns (agent.ingest.tables.encoded_columns order)"
-    dense: str = "x @ w + b with w [in, out]; ReLU after every layer but the last"
-
-    def pad(self, kernel: int) -> int:
-        """Zeros added on each side so a stride-1 conv keeps the image size."""
-        if self.padding != "same" or kernel % 2 == 0:
-            raise ValueError(f"only 'same' padding with an odd kernel is defined, got {kernel}")
-        return kernel // 2
-
-
-FORWARD = ForwardConvention()
 
 
 # ------------------------------------------------------------------ checks and the card
@@ -135,7 +124,7 @@ def _features_doc(plan_features: Sequence[FeatureSpec]) -> list[dict[str, Any]]:
     for f in plan_features:
         width = len(f.levels) if f.type == "categorical" else 1
         out.append({"name": f.name, "type": f.type, "levels": list(f.levels),
-                    "columns": list(range(pos, pos + width))})
+                    "unit": f.unit, "columns": list(range(pos, pos + width))})
         pos += width
     return out
 
@@ -213,9 +202,17 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
+        self._consts: dict[str, np.ndarray] = {}
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        """An initializer; a name asked for again must hold the same value (shared constants)."""
+        value = np.ascontiguousarray(value)
+        if name in self._consts:
+            if not np.array_equal(self._consts[name], value):
+                raise ValueError(f"two different constants named {name!r}")
+            return name
+        self._consts[name] = value
+        self.inits.append(numpy_helper.from_array(value, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
@@ -226,10 +223,61 @@ class _Graph:
         return out
 
 
-def _standardized_features(g: _Graph, model: SavedModel) -> str:
-    x = g.op("Cast", [INPUT_FEATURES], to=TensorProto.DOUBLE)
+def _level_codes(g: _Graph, f: FeatureSpec) -> str:
+    """string [N, 1] -> int64 [N]: the level's index, _MISSING_CODE or _UNKNOWN_CODE, decided
+    in the order agent.ingest.tables decides: missing token, exact level, case-folded level."""
+    flat = g.op("Reshape", [f.name, g.const("flat_shape", np.array([-1], np.int64))])
+    lower = g.op("StringNormalizer", [flat], case_change_action="LOWER", is_case_sensitive=0,
+                 locale="C")
+    tokens = sorted(MISSING_TOKENS)
+    counts: dict[str, int] = {}
+    for level in f.levels:
+        counts[level.lower()] = counts.get(level.lower(), 0) + 1
+    folded = [(level.lower(), i) for i, level in enumerate(f.levels)
+              if counts[level.lower()] == 1 and level.lower() not in MISSING_TOKENS]
+    keys = tokens + [k for k, _ in folded]
+    values = [_MISSING_CODE] * len(tokens) + [i for _, i in folded]
+    by_fold = g.op("LabelEncoder", [lower], domain=ML_DOMAIN, keys_strings=keys,
+                   values_int64s=values, default_int64=_UNKNOWN_CODE)
+    exact = g.op("LabelEncoder", [flat], domain=ML_DOMAIN, keys_strings=list(f.levels),
+                 values_int64s=list(range(len(f.levels))), default_int64=-1)
+    zero = g.const("zero_i64", np.zeros((), np.int64))
+    found = g.op("GreaterOrEqual", [exact, zero])
+    is_token = g.op("Equal", [by_fold, g.const("missing_code", np.array(_MISSING_CODE))])
+    code = g.op("Where", [found, exact, by_fold])
+    return g.op("Where", [is_token, by_fold, code], out=f"{f.name}_code")
+
+
+def _encoded_features(g: _Graph, features: Sequence[FeatureSpec], drop: bool
+                      ) -> tuple[str, str | None]:
+    """The raw per-feature inputs encoded like agent.ingest.tables, concatenated in column
+    order; plus a bool [N] "cannot be scored" (unknown level; missing under "drop") or None."""
+    parts, flags = [], []
+    for f in features:
+        if f.type != "categorical":
+            parts.append(f.name)
+            continue
+        code = _level_codes(g, f)
+        levels = g.const(f"{f.name}_levels", np.arange(len(f.levels), dtype=np.int64)[None, :])
+        column = g.op("Unsqueeze", [code, g.const("axis_1", np.array([1], np.int64))])
+        parts.append(g.op("Cast", [g.op("Equal", [column, levels])], to=TensorProto.FLOAT))
+        flags.append(g.op("Equal", [code, g.const("unknown_code", np.array(_UNKNOWN_CODE))]))
+        if drop:
+            flags.append(g.op("Equal", [code, g.const("missing_code", np.array(_MISSING_CODE))]))
+    encoded = g.op("Concat", parts, out="features_encoded", axis=1) if len(parts) > 1 \
+        else g.op("Identity", parts, out="features_encoded")
+    flag = flags[0] if flags else None
+    for other in flags[1:]:
+        flag = g.op("Or", [flag, other])
+    return encoded, flag
+
+
+def _standardized_features(g: _Graph, model: SavedModel, encoded: str, impute: bool) -> str:
+    x = g.op("Cast", [encoded], to=TensorProto.DOUBLE)
     x = g.op("Sub", [x, g.const("feature_mean", np.asarray(model.mean, dtype=np.float64))])
     x = g.op("Div", [x, g.const("feature_scale", np.asarray(model.scale, dtype=np.float64))])
+    if not impute:  # policy "drop": a missing value stays NaN, and so does the probability
+        return g.op("Cast", [x], out="features_standardized", to=TensorProto.FLOAT)
     x = g.op("Cast", [x], to=TensorProto.FLOAT)
     missing = g.op("IsNaN", [x])
     return g.op("Where", [missing, g.const("zero", np.zeros((), np.float32)), x],
@@ -256,18 +304,34 @@ def _image_features(g: _Graph, model: SavedModel, views: dict[str, np.ndarray]) 
     return g.op("Flatten", [a], out="image_features", axis=1)
 
 
-def to_onnx(model: SavedModel, *, created: datetime | None = None,
+def to_onnx(model: SavedModel, *, clinical: str = RAW, created: datetime | None = None,
             extra: Mapping[str, str] | None = None) -> onnx.ModelProto:
-    """The saved model as a checked ONNX model (opset OPSET) with its card in metadata_props.
+    """The saved model as a checked ONNX model (opset OPSET) with its card in metadata_props;
+    `clinical` picks the clinical interface (RAW per-feature inputs, or ENCODED `features`).
 
     Raises ValueError on a model whose parts disagree or whose kind has no export."""
-    card = build_model_card(model, created, extra)  # checks the model first
+    if clinical not in (RAW, ENCODED):
+        raise ValueError(f"clinical must be {RAW!r} or {ENCODED!r}, got {clinical!r}")
+    card = build_model_card(model, created, {"clinical_inputs": clinical, **(extra or {})})
+    plan = plan_from_dict(model.plan, file="saved model plan")
     layout = model.layout
     views = layout.views(np.ascontiguousarray(model.params))
     g = _Graph()
-    a = _standardized_features(g, model)
-    inputs = [helper.make_tensor_value_info(INPUT_FEATURES, TensorProto.FLOAT,
-                                            [BATCH, len(model.columns)])]
+    unscorable = None
+    if clinical == RAW:
+        names = [f.name for f in plan.features]
+        if INPUT_IMAGE in names or OUTPUT in names:
+            raise ValueError(f"a feature named {INPUT_IMAGE!r} or {OUTPUT!r} would clash with "
+                             f"the graph's own input/output; export with clinical={ENCODED!r}")
+        inputs = [helper.make_tensor_value_info(
+            f.name, TensorProto.STRING if f.type == "categorical" else TensorProto.FLOAT,
+            [BATCH, 1]) for f in plan.features]
+        encoded, unscorable = _encoded_features(g, plan.features, plan.missing == "drop")
+    else:
+        inputs = [helper.make_tensor_value_info(INPUT_FEATURES, TensorProto.FLOAT,
+                                                [BATCH, len(model.columns)])]
+        encoded = INPUT_FEATURES
+    a = _standardized_features(g, model, encoded, impute=plan.missing == "mean")
     if layout.image_shape is not None:
         inputs.append(helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.FLOAT,
                                                     [BATCH, *layout.image_shape]))
@@ -279,25 +343,58 @@ def to_onnx(model: SavedModel, *, created: datetime | None = None,
         if i < len(layers) - 1:
             a = g.op("Relu", [a])
     a = g.op("Sigmoid", [a])
-    g.op("Squeeze", [a, g.const("squeeze_axes", np.array([1], dtype=np.int64))], out=OUTPUT)
+    a = g.op("Squeeze", [a, g.const("squeeze_axes", np.array([1], dtype=np.int64))],
+             out=OUTPUT if unscorable is None else None)
+    if unscorable is not None:
+        g.op("Where", [unscorable, g.const("nan", np.array(np.nan, np.float32)), a], out=OUTPUT)
     graph = helper.make_graph(
         g.nodes, f"fedsilo_{layout.kind}", inputs,
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [BATCH])], g.inits,
         doc_string=f"fedsilo {layout.kind} model of federation {card['federation']}: "
                    f"P({card['target']} = 1). Research use only.")
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                   producer_name="fedsilo", producer_version=__version__,
-                                   ir_version=IR_VERSION)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if clinical == RAW and any(f.type == "categorical" for f in plan.features):
+        opsets.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="fedsilo",
+                                   producer_version=__version__, ir_version=IR_VERSION)
     helper.set_model_props(onnx_model, card)
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 
 
-def save_onnx(model: SavedModel, path: Path, *, created: datetime | None = None,
+def row_feeds(features: Sequence[FeatureSpec], rows: Sequence[Mapping[str, Any]]
+              ) -> dict[str, np.ndarray]:
+    """The RAW graph's clinical inputs for rows given as {feature: cell} (text as in a CSV, or
+    numbers), each cell read as training reads it. Every feature must be present (an empty
+    cell is a missing value); ValueError names the row and feature otherwise."""
+    feeds: dict[str, np.ndarray] = {}
+    for f in features:
+        values = []
+        for i, row in enumerate(rows):
+            if f.name not in row:
+                raise ValueError(f"row {i + 1}: no value for feature {f.name!r} (leave it empty "
+                                 f"for a missing value)")
+            cell = row[f.name]
+            if f.type == "categorical":
+                values.append(category_value(cell))
+                continue
+            try:
+                values.append(numeric_value(cell))
+            except ValueError as exc:
+                raise ValueError(f"row {i + 1}: feature {f.name!r}: {exc} value {cell!r}"
+                                 ) from None
+        feeds[f.name] = np.array(values, dtype=object if f.type == "categorical"
+                                 else np.float32).reshape(-1, 1)
+    return feeds
+
+
+def save_onnx(model: SavedModel, path: Path, *, clinical: str = RAW,
+              created: datetime | None = None,
               extra: Mapping[str, str] | None = None) -> Path:
     """Export `model` and write it to `path` atomically (a reader never sees half a file)."""
     path = Path(path)
-    write_bytes_atomic(path, to_onnx(model, created=created, extra=extra).SerializeToString())
+    onnx_model = to_onnx(model, clinical=clinical, created=created, extra=extra)
+    write_bytes_atomic(path, onnx_model.SerializeToString())
     return path
 
 

@@ -30,6 +30,34 @@ MAX_IMAGE_SIDE = 4096
 Named = list[tuple[str, tuple[int, ...]]]
 
 
+@dataclass(frozen=True)
+class ForwardConvention:
+    """What the forward pass does that its tensor shapes do not say, in one place.
+
+    The kernels (`kernels.ref_conv` and its Numba/CuPy twins) implement exactly this; the
+    ONNX export (`agent.learn.onnx_export`) writes its graph from it, and
+    tests/test_onnx_export.py pins both to it (kernel sizes 3 and 5, ties, fusion order)."""
+
+    padding: str = "same"  # stride 1, k odd, k // 2 zeros on every side (symmetric)
+    pool: int = 2  # max-pool window and stride after each conv's ReLU; no padding
+    # Ties in a pooling window: the reference picks the first cell row-major, which only
+    # routes the gradient; the forward value (the max) is the same whichever cell wins.
+    pool_ties: str = "first cell in row-major order (forward value unaffected)"
+    image_layout: str = "NCHW: [N, depth, h, w], the slices are the conv input channels"
+    fusion: str = "globally average-pooled image features first, then the clinical columns"
+    feature_order: str = "SavedModel.columns (agent.ingest.tables.encoded_columns order)"
+    dense: str = "x @ w + b with w [in, out]; ReLU after every layer but the last"
+
+    def pad(self, kernel: int) -> int:
+        """Zeros added on each side so a stride-1 conv keeps the image size."""
+        if self.padding != "same" or kernel % 2 == 0:
+            raise ValueError(f"only 'same' padding with an odd kernel is defined, got {kernel}")
+        return kernel // 2
+
+
+FORWARD = ForwardConvention()
+
+
 # ------------------------------------------------------------------ structure
 
 def conv_layers(layout: Layout) -> tuple[tuple[str, str], ...]:
@@ -130,10 +158,10 @@ def check_conv_stack(layout: Layout) -> None:
             raise ValueError(f"conv layer {wname}{ws} / {bname}{bs} does not chain from "
                              f"{channels} channels with kernel {k}")
         channels = ws[0]
-    factor = 2 ** len(convs)
+    factor = FORWARD.pool ** len(convs)
     if h % factor or w % factor:
-        raise ValueError(f"image sides {h}x{w} must be divisible by {factor} "
-                         f"(one 2x2 pooling per conv layer)")
+        raise ValueError(f"image sides {h}x{w} must be divisible by {factor} (one "
+                         f"{FORWARD.pool}x{FORWARD.pool} pooling per conv layer)")
 
 
 def init_stack(layout: Layout, rng: np.random.Generator, params: np.ndarray) -> None:
