@@ -1,0 +1,97 @@
+"""Send a result SR to the hospital PACS with C-STORE (pynetdicom as the SCU).
+
+One association per report: the agent sends a handful a day, and a fresh association means a
+PACS restart between two reports costs nothing. Every failure is a `PacsError` whose message
+names the node (`AE@host:port`) and what happened, never a dataset value. pynetdicom's own
+logger is capped at WARNING (as in agent/ingest/listener.py): at DEBUG it dumps whole datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from agent.errors import FedsiloError
+
+log = logging.getLogger(__name__)
+
+#: C-STORE statuses that mean "stored" (Warning: stored with coercion/elements discarded).
+STATUS_SUCCESS = 0x0000
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+
+class PacsError(FedsiloError):
+    """The PACS could not be reached, refused the association, or did not store the SR."""
+
+
+@dataclass(frozen=True)
+class PacsNode:
+    """Where results go: the PACS's called AE title and address, and our calling AE title."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "FEDSILO"
+    timeout_s: float = 30.0
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _ae(node: PacsNode) -> AE:
+    ae = AE(ae_title=node.calling_ae_title)
+    ae.add_requested_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian])
+    ae.connection_timeout = node.timeout_s
+    ae.acse_timeout = node.timeout_s
+    ae.dimse_timeout = node.timeout_s
+    ae.network_timeout = node.timeout_s
+    return ae
+
+
+def send_sr(ds: Dataset, node: PacsNode) -> None:
+    """C-STORE `ds` (a Comprehensive SR) to `node`; returns once the PACS said it stored it.
+
+    Raises PacsError when the TCP connection fails, the association is rejected or aborted,
+    the PACS accepts no Comprehensive SR context, or the C-STORE status is not success (a
+    warning status counts as stored and is logged)."""
+    # pynetdicom at INFO/DEBUG logs every association and whole datasets (PHI): cap it.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    connected: list[bool] = []
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True))]
+    try:
+        assoc = _ae(node).associate(node.host, node.port, ae_title=node.ae_title,
+                                    evt_handlers=handlers)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise PacsError(f"PACS {node}: association failed ({type(exc).__name__})") from None
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            what = "association rejected"
+        elif not connected:
+            what = "could not connect (refused, unreachable or timed out)"
+        elif assoc.is_aborted:
+            what = "association aborted"
+        else:
+            what = "no association (no answer within the timeout)"
+        raise PacsError(f"PACS {node}: {what}")
+    try:
+        if not any(c.abstract_syntax == ComprehensiveSRStorage for c in assoc.accepted_contexts):
+            raise PacsError(f"PACS {node}: accepted no presentation context for "
+                            "Comprehensive SR Storage (Explicit VR Little Endian)")
+        try:
+            status = assoc.send_c_store(ds)
+        except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+            raise PacsError(f"PACS {node}: C-STORE not sent ({type(exc).__name__})") from None
+        code = status.get("Status") if status else None
+        if code is None:
+            raise PacsError(f"PACS {node}: no C-STORE response (timed out or aborted)")
+        if code in WARNING_STATUSES:
+            log.warning("PACS %s stored the SR with warning status 0x%04X", node, code)
+        elif code != STATUS_SUCCESS:
+            raise PacsError(f"PACS {node}: C-STORE failed with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
