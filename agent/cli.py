@@ -279,10 +279,33 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from agent.learn.predict import run_predict
+    from agent.learn.predict import run_predict, run_predict_study
 
+    if args.clinical is not None:
+        for flag, value in (("--out", args.out), ("--id-column", args.id_column)):
+            if value is not None:
+                raise ConfigError("fedsilo predict", flag, "goes with --table, not --clinical")
+        return run_predict_study(Path(args.model), args.clinical,
+                                 Path(args.study) if args.study else None, as_json=args.json)
+    if args.study is not None or args.json:
+        raise ConfigError("fedsilo predict", "--study" if args.study else "--json",
+                          "goes with --clinical (one patient), not --table")
     return run_predict(Path(args.model), Path(args.table), Path(args.out) if args.out else None,
                        args.id_column)
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    if args.model_command == "export":
+        from agent.learn.modelcli import run_export
+
+        return run_export(Path(args.model), Path(args.out) if args.out else None,
+                          encoded=args.encoded_inputs)
+    from agent.learn.distribution import run_verify
+
+    return run_verify(Path(args.path), config=Path(args.config) if args.config else None,
+                      ca=Path(args.ca) if args.ca else None,
+                      crl=Path(args.crl) if args.crl else None,
+                      allow_unsigned=args.allow_unsigned)
 
 
 def _cmd_hardware_show(args: argparse.Namespace) -> int:
@@ -398,13 +421,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "object")
     ingest.set_defaults(func=_cmd_ingest)
 
-    pr = sub.add_parser("predict", help="score a table with a saved model: probability per "
-                                        "row, AUC when the table has the outcome column")
-    pr.add_argument("--model", required=True, help="model directory (<state_dir>/model/)")
-    pr.add_argument("--table", required=True, help="CSV or Parquet table, columns as in the plan")
+    pr = sub.add_parser("predict", help="score a table with a saved model (probability per "
+                                        "row, AUC when the table has the outcome column), or "
+                                        "one patient's row and study with the exported model")
+    pr.add_argument("--model", required=True, help="model directory (<state_dir>/model/); "
+                                                   "with --clinical also a model.onnx file")
+    what = pr.add_mutually_exclusive_group(required=True)
+    what.add_argument("--table", help="CSV or Parquet table, columns as in the plan")
+    what.add_argument("--clinical", metavar="ROW", help="one patient: name=value,... for every "
+                                                         "feature, or a CSV file with one row")
+    pr.add_argument("--study", help="with --clinical: the patient's DICOM study folder "
+                                    "(imaging models)")
     pr.add_argument("--out", help="CSV file to write (default: stdout, summary on stderr)")
     pr.add_argument("--id-column", help="key rows by this column (default: row number)")
+    pr.add_argument("--json", action="store_true", help="with --clinical: one JSON object")
     pr.set_defaults(func=_cmd_predict)
+
+    mo = sub.add_parser("model", help="export the federation's model to ONNX, verify a "
+                                      "received one")
+    mo_sub = mo.add_subparsers(dest="model_command", required=True)
+    ex = mo_sub.add_parser("export", help="write model.onnx (with its model card) from a model "
+                                          "directory")
+    ex.add_argument("--model", required=True, help="model directory: model.json + model.f32")
+    ex.add_argument("--out", help="ONNX file to write (default: <model>/model.onnx)")
+    ex.add_argument("--encoded-inputs", action="store_true",
+                    help="one float input of encoded columns instead of one input per feature")
+    ver = mo_sub.add_parser("verify", help="check a received model's signature and digest "
+                                           "before use")
+    ver.add_argument("path", help="model directory (model.onnx + model.manifest.json)")
+    ver.add_argument("--config", help="site config whose [identity] names the federation CA")
+    ver.add_argument("--ca", help="federation CA certificate (instead of --config)")
+    ver.add_argument("--crl", help="the federation CRL (with --ca)")
+    ver.add_argument("--allow-unsigned", action="store_true",
+                     help="accept an unsigned model (the demo without a PKI)")
+    mo.set_defaults(func=_cmd_model)
 
     hw = sub.add_parser("hardware", help="host facts, kernel backends and hardware profile")
     hw_sub = hw.add_subparsers(dest="hardware_command", required=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from agent.config import Plan, plan_from_dict
+from agent.config import FeatureSpec, Plan, plan_from_dict
 from agent.errors import ConfigError, DataError
 from agent.ingest.tables import encoded_columns, load_table, read_header
 from agent.learn import metrics
@@ -152,3 +154,130 @@ def run_predict(model_dir: Path, table: Path, out: Path | None = None,
     for line in summary(scores) + ([f"probabilities in {out}"] if out is not None else []):
         print(line, file=sys.stdout if out is not None else sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------ one study, exported model
+
+MODEL_FILE = "model.onnx"
+
+
+def exported_model_path(model: Path) -> Path:
+    """--model as a file, or a directory holding model.onnx (a site's <state_dir>/model/)."""
+    model = Path(model)
+    if model.is_dir():
+        if (model / MODEL_FILE).is_file():
+            return model / MODEL_FILE
+        hint = (" (it holds model.json: export it with `fedsilo model export`)"
+                if (model / "model.json").is_file() else "")
+        raise ConfigError(WHERE, "--model", f"{model}: no {MODEL_FILE} in this directory{hint}")
+    if not model.is_file():
+        raise ConfigError(WHERE, "--model", f"{model}: no such file or directory")
+    return model
+
+
+def parse_clinical(text: str, features: Sequence[FeatureSpec]) -> dict[str, str]:
+    """--clinical: `name=value,name=value` (every feature, empty for missing), or a CSV file
+    with a header and one data row. Columns the model does not read are ignored in a file,
+    refused inline (a typo would otherwise read as a missing value)."""
+    path = Path(text)
+    names = [f.name for f in features]
+    if "=" not in text and path.is_file():
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                sample = fh.read(4096)
+                fh.seek(0)
+                delimiter = ";" if sample.count(";") > sample.count(",") else ","
+                rows = list(csv.DictReader(fh, delimiter=delimiter))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(WHERE, "--clinical", f"{path}: cannot be read ({exc})") from None
+        if len(rows) != 1:
+            raise ConfigError(WHERE, "--clinical", f"{path}: has {len(rows)} data rows; give a "
+                                                   f"file with the header and one row")
+        row = {k.strip(): (v or "") for k, v in rows[0].items() if k is not None}
+    else:
+        row = {}
+        for part in text.split(","):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(WHERE, "--clinical", f"{part!r} is not name=value (or a CSV "
+                                                       f"file that exists)")
+            row[name.strip()] = value.strip()
+        unknown = sorted(set(row) - set(names))
+        if unknown:
+            raise ConfigError(WHERE, "--clinical", f"the model reads no feature named "
+                                                   f"{', '.join(unknown)} (it reads "
+                                                   f"{', '.join(names)})")
+    absent = [n for n in names if n not in row]
+    if absent:
+        raise ConfigError(WHERE, "--clinical", f"no value for {', '.join(absent)} (write "
+                                               f"name= for a missing value)")
+    return {n: row[n] for n in names}
+
+
+def run_predict_study(model: Path, clinical: str, study: Path | None = None, *,
+                      as_json: bool = False) -> int:
+    """`fedsilo predict --clinical ROW [--study PATH]`: one patient scored with onnxruntime on
+    the exported model, the image preprocessed by the site's own pipeline."""
+    import json
+
+    from agent.ingest.study import preprocess_study
+    from agent.learn.onnx_runtime import load_exported, score
+
+    path = exported_model_path(model)
+    try:
+        exported = load_exported(path)
+    except DataError as exc:
+        raise ConfigError(WHERE, "--model", str(exc)) from None
+    row = parse_clinical(clinical, exported.features)
+    images, study_note = None, None
+    if exported.imaging is not None:
+        if study is None:
+            raise ConfigError(WHERE, "--study", f"{path}: this model also reads the patient's "
+                                                f"{exported.imaging.modality} series; give its "
+                                                f"folder with --study")
+        done = preprocess_study(study, exported.imaging)
+        images = done.image[None]
+        img = exported.imaging
+        study_note = (f"study: {done.summary['stored']} files stored, series on the "
+                      f"{img.depth}x{img.size}x{img.size} grid")
+    elif study is not None:
+        raise ConfigError(WHERE, "--study", f"{path}: a {exported.card['model_kind']} model "
+                                            f"reads no image; leave out --study")
+    try:
+        (p,) = score(exported, [row], images).tolist()
+    except ValueError as exc:
+        raise ConfigError(WHERE, "--clinical", str(exc)) from None
+    card = exported.card
+    if p != p:  # NaN: the graph could not score the row
+        raise DataError(f"the model cannot score this row: {_unscorable(row, exported)}")
+    if as_json:
+        print(json.dumps({"probability": p, "target": exported.target,
+                          "model_version": exported.version, "model_sha256": exported.sha256,
+                          "federation": card["federation"], "model_kind": card["model_kind"],
+                          "research_use_only": True}, sort_keys=True))
+        return 0
+    rounds = card.get("rounds_completed", card["rounds"])
+    print(f"model: {card['model_kind']} of federation {card['federation']} after {rounds} "
+          f"rounds, version {exported.version} (research use only)")
+    if study_note:
+        print(study_note)
+    print(f"P({exported.target} = 1) = {p:.4f}")
+    return 0
+
+
+def _unscorable(row: dict[str, str], exported: Any) -> str:
+    """Which cells the graph could not read (for the operator's message)."""
+    from agent.ingest.tables import MISSING_TOKENS, category_value
+
+    bad = []
+    for f in exported.features:
+        if f.type != "categorical":
+            continue
+        text = category_value(row[f.name])
+        if text and text.casefold() not in {lv.casefold() for lv in f.levels} \
+                and text.lower() not in MISSING_TOKENS:
+            bad.append(f"{f.name}={text!r} is not one of {', '.join(f.levels)}")
+    policy = exported.card.get("missing", "?")
+    return "; ".join(bad) or (f"a value is missing and the plan's missing policy is "
+                              f"{policy!r} (rows with missing values are not scored)")
+
