@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from agent.errors import FedsiloError
 
@@ -61,15 +62,25 @@ def send_sr(ds: Dataset, node: PacsNode) -> None:
     # pynetdicom at INFO/DEBUG logs every association and whole datasets (PHI): cap it.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     connected: list[bool] = []
-    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True))]
+    rejection: list[str] = []
+
+    def on_pdu(event: evt.Event) -> None:
+        # The PACS often closes the socket right after its A-ASSOCIATE-RJ, and pynetdicom may
+        # see the close first and call it an abort: the PDU itself says what happened.
+        pdu = event.pdu
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            rejection.append(f"{pdu.result_str}, {pdu.source_str}: {pdu.reason_str}")
+
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+                (evt.EVT_PDU_RECV, on_pdu)]
     try:
         assoc = _ae(node).associate(node.host, node.port, ae_title=node.ae_title,
                                     evt_handlers=handlers)
     except (OSError, RuntimeError, ValueError) as exc:
         raise PacsError(f"PACS {node}: association failed ({type(exc).__name__})") from None
     if not assoc.is_established:
-        if assoc.is_rejected:
-            what = "association rejected"
+        if assoc.is_rejected or rejection:
+            what = "association rejected" + (f" ({rejection[0]})" if rejection else "")
         elif not connected:
             what = "could not connect (refused, unreachable or timed out)"
         elif assoc.is_aborted:
