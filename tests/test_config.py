@@ -277,3 +277,52 @@ quarantine_max_bytes = 0
     with pytest.raises(ConfigError) as info:
         load_site_config(write(tmp_path, SITE + "\n[dicom]\nqueue_files = 0\n"))
     assert info.value.key == "dicom.queue_files"
+
+
+SCORING_SITE = SITE + 'id_column = "mrn"\n\n[dicom]\nlisten = true\nallowed_callers = ["PACS1"]\n'
+
+
+def test_site_results_section(tmp_path):
+    cfg = load_site_config(write(tmp_path, SCORING_SITE + """
+[results]
+score = true
+retry_s = 60
+[results.pacs]
+ae_title = "PACS1"
+host = "pacs.example.org"
+"""))
+    r = cfg.results
+    assert r.score and r.retry_s == 60 and r.model_dir is None
+    assert (r.pacs.ae_title, r.pacs.host, r.pacs.port, r.pacs.calling_ae_title) == (
+        "PACS1", "pacs.example.org", 104, "FEDSILO")
+    assert not load_site_config(write(tmp_path, SITE)).results.score
+
+
+@pytest.mark.parametrize("text,key,problem", [
+    (SITE + "\n[results]\nscore = true\n", "results.score", "needs [dicom] listen"),
+    (SITE + '\n[dicom]\nwatch_dir = "in"\n[results]\nscore = true\n', "results.score",
+     "id_column"),
+    (SCORING_SITE + '[results]\n[results.pacs]\nae_title = "P"\nhost = "h"\n', "results.pacs",
+     "set score = true"),
+    (SCORING_SITE + '[results]\nscore = true\n[results.pacs]\nhost = "h"\n',
+     "results.pacs.ae_title", "required"),
+    (SCORING_SITE + '[results]\nscore = true\n[results.pacs]\nae_title = "P"\nhost = "h"\n'
+     'port = 0\n', "results.pacs.port", ">= 1"),
+    (SCORING_SITE + '[results]\nscore = true\nsend = true\n', "results.send", "unknown"),
+])
+def test_site_results_errors(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as info:
+        load_site_config(write(tmp_path, text))
+    assert info.value.key == key and problem in str(info.value)
+
+
+def test_feature_units(tmp_path):
+    text = PLAN.replace('name = "age"\ntype = "numeric"', 'name = "age"\ntype = "numeric"\n'
+                                                         'unit = "years"')
+    plan = load_plan(write(tmp_path, text))
+    assert plan.features[0].unit == "years" and plan.features[1].unit == ""
+    assert plan_from_dict(plan_to_toml_dict(plan)).features == plan.features
+    assert "unit" not in plan.to_dict()["features"][1]  # plans without units keep their digest
+    with pytest.raises(ConfigError) as info:
+        load_plan(write(tmp_path, text.replace('unit = "years"', f'unit = "{"y" * 40}"')))
+    assert info.value.key == "features[0].unit"

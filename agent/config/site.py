@@ -89,6 +89,28 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class PacsConfig:
+    """[results.pacs]: where result SRs go (C-STORE); opt-in."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "FEDSILO"
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """[results]: score newly completed series with the federation's exported model (kept in
+    <state_dir>/model/), and optionally send each result to the PACS as a DICOM SR."""
+
+    score: bool = False
+    model_dir: Path | None = None  # default <state_dir>/model
+    pacs: PacsConfig | None = None
+    retry_s: float = 300.0  # a result the PACS did not take is sent again after this long
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     site_id: str
     federation: str
@@ -102,6 +124,7 @@ class SiteConfig:
     home_assistant_discovery: bool = False  # [monitoring]: announce sensors to Home Assistant
     policy: TrainingPolicy = field(default_factory=TrainingPolicy)  # [policy]: yield to clinics
     privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
 
 @dataclass(frozen=True)
@@ -175,7 +198,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     doc = _read_toml(path)
     top = _Reader(file, doc, "")
     top.reject_unknown({"site", "broker", "data", "dicom", "identity", "monitoring", "policy",
-                        "privacy"})
+                        "privacy", "results"})
     mon = top.sub("monitoring")
     if mon is not None:
         mon.reject_unknown({"home_assistant_discovery"})
@@ -212,8 +235,43 @@ def load_site_config(path: str | Path) -> SiteConfig:
                                   if mon is not None else False),
         policy=_policy(top.sub("policy")),
         privacy=_site_privacy(top.sub("privacy")),
+        results=_results(top.sub("results"), base, d, top.sub("dicom")),
         source=file,
     )
+
+
+def _results(r: _Reader | None, base: Path, data: _Reader | None, dicom: _Reader | None
+             ) -> ResultsConfig:
+    if r is None:
+        return ResultsConfig()
+    r.reject_unknown({"score", "model_dir", "pacs", "retry_s"})
+    score = r.get("score", bool, False)
+    model_dir = r.get("model_dir", str, None)
+    pacs = None
+    p = r.sub("pacs")
+    if p is not None:
+        p.reject_unknown({"ae_title", "host", "port", "calling_ae_title", "timeout_s"})
+        if not score:
+            raise r.fail("pacs", "results go to the PACS only when they are made: set "
+                                 "score = true")
+        host = p.get("host", str, required=True).strip()
+        if not host:
+            raise p.fail("host", "must name the PACS host")
+        pacs = PacsConfig(
+            ae_title=_ae_title(p, p.get("ae_title", str, required=True), "ae_title"),
+            host=host, port=p.number("port", 104, lo=1, hi=65535, integer=True),
+            calling_ae_title=_ae_title(p, p.get("calling_ae_title", str, "FEDSILO"),
+                                       "calling_ae_title"),
+            timeout_s=p.number("timeout_s", 30.0, lo=1.0, hi=600.0))
+    if score and (dicom is None or not (dicom.get("listen", bool, False)
+                                        or dicom.get("watch_dir", str, None))):
+        raise r.fail("score", "scores series as they arrive: needs [dicom] listen = true or "
+                              "a watch_dir")
+    if score and (data is None or data.get("id_column", str, None) is None):
+        raise r.fail("score", "needs [data] table and id_column: a series is scored with its "
+                              "patient's clinical row, joined by id")
+    return ResultsConfig(score=score, model_dir=_path(base, model_dir) if model_dir else None,
+                         pacs=pacs, retry_s=r.number("retry_s", 300.0, lo=5.0, hi=86400.0))
 
 
 def _site_privacy(r: _Reader | None) -> SitePrivacy:

@@ -400,6 +400,9 @@ class Site:
 
             self.ingest = IngestService(self.config.state_dir, self.config.dicom,
                                         workers=self.profile.settings.ingest_workers)
+            if self.config.results.score:
+                self.ingest.attach_scorer(self.config.results, self.config.data,
+                                          self.peer.trust.verifier if self.peer.trust else None)
             self.ingest.start()
         return self.ingest
 

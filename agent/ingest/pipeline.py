@@ -111,6 +111,9 @@ class IngestPipeline:
         self._complete_lock = threading.Lock()
         self._files: Counter[str] = Counter()
         self._reasons: dict[str, Counter[str]] = {QUARANTINED: Counter(), SKIPPED: Counter()}
+        # Called with (file, pseudonyms) for each instance stored from a file (not from a tree
+        # ingest's reader processes), before the file is consumed; must not raise.
+        self.on_stored: Callable[[Path, Pseudonyms], None] | None = None
 
     # ------------------------------------------------------------------ files
 
@@ -155,7 +158,13 @@ class IngestPipeline:
         if image.header is None or image.frames is None:
             return IngestOutcome(DUPLICATE)
         pixels, grid = self._inplane(image.frames, image.header)
-        return self._store(image.ids, image.header, pixels, grid, source)
+        outcome = self._store(image.ids, image.header, pixels, grid, source)
+        if outcome.status == STORED and self.on_stored is not None:
+            try:  # the file still exists here (agent.results.scoring keeps its references)
+                self.on_stored(path, image.ids)
+            except Exception as exc:  # noqa: BLE001 - the image is stored; the hook is extra
+                log.error("after storing an instance: %s", type(exc).__name__)
+        return outcome
 
     def _store(self, ids: Pseudonyms, header: ImageHeader, pixels: np.ndarray,
                grid: str | None, source: str) -> IngestOutcome:

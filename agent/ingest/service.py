@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,8 @@ class IngestService:
         self._thread = threading.Thread(target=self._consume, name="ingest", daemon=True)
         self._listener = None
         self._watch = None
+        self.on_tick: Callable[[], None] | None = None  # after each completion pass
+        self.scorer: Any = None  # agent.results.scoring.SiteScorer, when [results] score
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +114,17 @@ class IngestService:
             log.info("watching %s for DICOM files", self.dicom.watch_dir)
         self._thread.start()
 
+    def attach_scorer(self, results: Any, data: Any, verifier: Any | None) -> None:
+        """Score completed series with the site's exported model (agent.results.scoring), on
+        this service's thread; call before start()."""
+        from agent.results.scoring import SiteScorer
+
+        self.scorer = SiteScorer(self.state_dir, results, data, store=self.pipeline.store,
+                                 secret=self.secret, verifier=verifier,
+                                 set_imaging=self.set_imaging)
+        self.pipeline.on_stored = self.scorer.capture
+        self.on_tick = self.scorer.poll
+
     def stop(self) -> None:
         self._closing.set()
         for component in (self._listener, self._watch):
@@ -120,6 +133,8 @@ class IngestService:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self.scorer is not None:
+            self.scorer.close()
         self.pipeline.close()
 
     @property
@@ -199,6 +214,8 @@ class IngestService:
                     self.pipeline.complete_series(quiet_s=self.dicom.series_quiet_s, now=now)
                 except Exception:  # noqa: BLE001 - a bad series must not end the ingest thread
                     log.exception("completing series failed")
+                if self.on_tick is not None:
+                    self.on_tick()  # the site's scorer: it handles its own errors
 
     def _ingest(self, path: Path, source: str, *, final: bool = False) -> None:
         hold = (TRUNCATED,) if source in _HOLD_SOURCES and not final else ()
@@ -275,6 +292,8 @@ class IngestService:
             out[f"ingest_{group}"] = sum(counts.values())
             out[f"ingest_{group}_reasons"] = ",".join(f"{k}={v}" for k, v in
                                                       sorted(counts.items()))
+        if self.scorer is not None:
+            out.update(self.scorer.status_extra())
         return out
 
 

@@ -405,7 +405,7 @@ class ImageStore:
             if item.reason is None:
                 if item.array is None or item.imaging is None:
                     raise ValueError("a complete series needs its array and imaging spec")
-                array_file = f"{item.series}.npy"
+                array_file = self.series_array(item.series).name
                 save_npy_atomic(self.series_dir / array_file, item.array, fsync=False)
                 arrays.append(array_file)
             rows.append((INVALID if item.reason else COMPLETE, item.reason, item.n_slices,
@@ -435,6 +435,21 @@ class ImageStore:
         for patient, name in self._query(sql + " ORDER BY completed, series", args):
             out[patient] = self.series_dir / name
         return out
+
+    def series_array(self, series: str) -> Path:
+        """Where a complete series' preprocessed array is (or will be) saved."""
+        return self.series_dir / f"{series}.npy"
+
+    def completed_since(self, since: float, imaging: ImagingSpec, limit: int = 1000
+                        ) -> list[tuple[str, str, str, Path, float]]:
+        """(series, study, patient, array, completed) of series completed on `imaging`'s grid
+        at or after `since`, oldest first: what the site's scorer has not seen yet."""
+        rows = self._query("SELECT series, study, patient, array_file, completed FROM series "
+                           "WHERE status = ? AND grid = ? AND completed >= ? "
+                           "ORDER BY completed, series LIMIT ?",
+                           (COMPLETE, grid_label(imaging), since, limit))
+        return [(se, st, pa, self.series_dir / name, float(done))
+                for se, st, pa, name, done in rows]
 
     def counts(self) -> dict[str, Any]:
         by_status = dict.fromkeys((PENDING, COMPLETE, INVALID), 0)
