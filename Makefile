@@ -43,6 +43,7 @@ chaos: $(VENV)/.stamp-test system-deps warm
 bench: $(VENV)/.stamp-test system-deps warm
 	$(PY) benchmarks/bench_federation.py
 	$(PY) benchmarks/bench_compression.py
+	$(PY) benchmarks/bench_onnx.py
 	$(VENV)/bin/fedsilo bench
 
 bench-ingest: $(VENV)/.stamp-test warm
