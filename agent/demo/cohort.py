@@ -348,7 +348,7 @@ def demo_features() -> tuple[FeatureSpec, ...]:
 # ---------------------------------------------------------------------------- export
 
 
-def _cell(column: str, value: object, profile: SiteProfile) -> str:
+def cell_text(column: str, value: object, profile: SiteProfile) -> str:
     if column == "glucose_mmol_l":
         v = float(value)  # type: ignore[arg-type]
         return (str(round(v * MG_PER_DL_PER_MMOL_L)) if profile.glucose_unit == "mg/dl"
@@ -375,7 +375,7 @@ def write_table_csv(columns: Mapping[str, np.ndarray], path: Path, *, profile: S
     broken row carries exactly one defect, and the target is only ever blanked on purpose.
     """
     n = len(columns[DEMO_TARGET])
-    rows = [[_cell(c, columns[c][i], profile) for c in TABLE_COLUMNS] for i in range(n)]
+    rows = [[cell_text(c, columns[c][i], profile) for c in TABLE_COLUMNS] for i in range(n)]
     index = {c: j for j, c in enumerate(TABLE_COLUMNS)}
     for column, weight in MISSING_WEIGHT.items():
         rate = 1.0 if column in profile.unrecorded else min(1.0, profile.missing_rate * weight)
@@ -391,11 +391,12 @@ def write_table_csv(columns: Mapping[str, np.ndarray], path: Path, *, profile: S
         kind = BROKEN_KINDS[k % len(BROKEN_KINDS)]
         if kind == "wrong_field_count":
             j = index["age"]  # "72,5": an unquoted decimal comma adds a field
-            row[j:j + 1] = [_cell("age", columns["age"][i], profile), "5"]
+            row[j:j + 1] = [cell_text("age", columns["age"][i], profile), "5"]
             expected[kind] += 1
         elif kind == "unparseable":
             column = numeric[int(rng.integers(len(numeric)))]
-            row[index[column]] = _UNPARSEABLE[column](_cell(column, columns[column][i], profile))
+            text = cell_text(column, columns[column][i], profile)
+            row[index[column]] = _UNPARSEABLE[column](text)
             expected[f"unparseable:{column}"] += 1
         elif kind == "unknown_level":
             column = categorical[int(rng.integers(len(categorical)))]

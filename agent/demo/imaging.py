@@ -31,6 +31,7 @@ from agent.demo.run import (
     start_sites,
     wait_sites,
 )
+from agent.demo.scoring import score_new_study
 from agent.federation.broker import LocalMosquitto
 from agent.ingest.pipeline import IngestPipeline
 
@@ -135,6 +136,10 @@ def run_imaging_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[s
             files = DemoFiles(out=out, plan=plan, profiles=profiles, test_path=Path())
             print(f"federation '{plan.federation}' ({label}):", flush=True)
             results[label] = _federate(files, broker.port, label)
+        print(f"after the federation: a new patient's head CT at {profiles[0].name}, scored "
+              f"by the distributed model at the site:", flush=True)
+        new_study = score_new_study(out, site_dirs[0], 0, profiles[0], fused_plan.federation,
+                                    broker.port, rng)
     summary = {
         "auc_tables_only": results["tables"]["auc"],
         "auc_tables_and_ct": results["tables+CT"]["auc"],
@@ -143,6 +148,7 @@ def run_imaging_demo(*, sites: int, rounds: int, seed: int, out: Path) -> dict[s
         "rounds": rounds,
         "seconds": time.monotonic() - t0,
         "federations": results,
+        "new_study": new_study,
     }
     (out / "summary-imaging.json").write_text(json.dumps(summary, indent=1))
     print("\nheld-out AUC over all sites' held-out patients (sample-weighted):")
