@@ -63,3 +63,9 @@ def test_imaging_demo_ingests_every_study_and_ct_adds_to_the_tables(tmp_path):
     assert summary["heldout_patients"] > 300
     assert summary["auc_tables_and_ct"] > summary["auc_tables_only"]
     assert "tables + head CT" in run.stdout
+    # After the federation: a new patient's CT, sent by storescu to one site's listener, was
+    # scored there with the model the coordinator distributed, and its SR reached storescp.
+    new = summary["new_study"]
+    assert new is not None, run.stdout[-2000:]
+    assert 0.0 < new["probability"] < 1.0 and new["sr_sent"] == "sent" and new["dsrdump_ok"]
+    assert "result SR sent to PACS@127.0.0.1" in run.stdout
