@@ -19,6 +19,7 @@ the ingest thread adds instances while the training side asks for finished serie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sqlite3
@@ -37,6 +38,7 @@ from agent.ingest.deid import Pseudonyms
 from agent.ingest.dicom_read import ImageHeader
 from agent.ingest.series import SliceGeom
 from agent.ops.atomic import fsync_dir, write_atomic
+from agent.ops.sqlitetx import immediate_tx
 
 PENDING, COMPLETE, INVALID = "pending", "complete", "invalid"
 ADDED, DUPLICATE, SERIES_CLOSED = "added", "duplicate", "series_closed"
@@ -218,16 +220,8 @@ class ImageStore:
         self._remover = _Remover()
         self._remove_orphans()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_tx(self._db, self._lock)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -12,11 +12,10 @@ The book holds PHI: its folder is 0700, its file 0600, deleted rows are overwrit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from agent.errors import DataError
 from agent.ingest.deid import quiet_pydicom
+from agent.ops.sqlitetx import immediate_tx
 
 #: keyword in the file -> field of StudyReference (instances are read separately).
 _FIELD_OF: dict[str, str] = {
@@ -145,16 +145,8 @@ class ReferenceBook:
         with self._lock:
             self._db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_tx(self._db, self._lock)
 
     def add(self, series_pseudonym: str, ref: StudyReference) -> None:
         """Record `ref` for the series; instances of the same series merge (idempotent per SOP

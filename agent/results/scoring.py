@@ -18,12 +18,12 @@ input; a table-only model scores tables with `fedsilo predict --table`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +35,7 @@ from agent.config import ImagingSpec
 from agent.config.site import DataSources, ResultsConfig
 from agent.errors import DataError
 from agent.ingest.deid import Pseudonyms, pseudonym
+from agent.ops.sqlitetx import immediate_tx
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,8 @@ class ScoreBook:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_tx(self._db, self._lock)
 
     def since(self, model_sha256: str, now: float) -> float:
         """The watermark of this model: when it was first loaded (set now if never)."""
