@@ -89,14 +89,18 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
-class PacsConfig:
-    """[results.pacs]: where result SRs go (C-STORE); opt-in."""
+class PacsNode:
+    """[results.pacs]: where result SRs go (C-STORE, agent.results.pacs): the PACS's called AE
+    title and address, and our calling AE title."""
 
     ae_title: str
     host: str
     port: int
     calling_ae_title: str = "FEDSILO"
     timeout_s: float = 30.0
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class ResultsConfig:
 
     score: bool = False
     model_dir: Path | None = None  # default <state_dir>/model
-    pacs: PacsConfig | None = None
+    pacs: PacsNode | None = None
     retry_s: float = 300.0  # a result the PACS did not take is sent again after this long
 
 
@@ -257,7 +261,7 @@ def _results(r: _Reader | None, base: Path, data: _Reader | None, dicom: _Reader
         host = p.get("host", str, required=True).strip()
         if not host:
             raise p.fail("host", "must name the PACS host")
-        pacs = PacsConfig(
+        pacs = PacsNode(
             ae_title=_ae_title(p, p.get("ae_title", str, required=True), "ae_title"),
             host=host, port=p.number("port", 104, lo=1, hi=65535, integer=True),
             calling_ae_title=_ae_title(p, p.get("calling_ae_title", str, "FEDSILO"),

@@ -9,14 +9,16 @@ logger is capped at WARNING (as in agent/ingest/listener.py): at DEBUG it dumps 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
+from agent.config.site import PacsNode  # the [results.pacs] table, as read
 from agent.errors import FedsiloError
+
+__all__ = ["PacsError", "PacsNode", "send_sr"]
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +29,6 @@ WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 class PacsError(FedsiloError):
     """The PACS could not be reached, refused the association, or did not store the SR."""
-
-
-@dataclass(frozen=True)
-class PacsNode:
-    """Where results go: the PACS's called AE title and address, and our calling AE title."""
-
-    ae_title: str
-    host: str
-    port: int
-    calling_ae_title: str = "FEDSILO"
-    timeout_s: float = 30.0
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def _ae(node: PacsNode) -> AE:

@@ -178,12 +178,10 @@ class SiteScorer:
         self.references = None
         self.pacs = None
         if results.pacs is not None:
-            from agent.results.pacs import PacsNode
             from agent.results.reference import ReferenceBook
 
             self.references = ReferenceBook(self.state_dir)
-            p = results.pacs
-            self.pacs = PacsNode(p.ae_title, p.host, p.port, p.calling_ae_title, p.timeout_s)
+            self.pacs = results.pacs
         self.model: Any = None  # agent.learn.onnx_runtime.ExportedModel
         self._model_stat: tuple[int, int] | None = None
         self._since = 0.0
