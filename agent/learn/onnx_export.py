@@ -8,7 +8,8 @@ the one flat parameter vector, so there is nothing to re-train or re-derive.
 
 Opset: the default domain at opset 13 and IR version 7 (what onnx 1.8, late 2020, wrote).
 Every operator used here (Cast, Sub, Div, IsNaN, Where, Conv, Relu, MaxPool,
-GlobalAveragePool, Flatten, Concat, Gemm, Sigmoid, Squeeze) exists at opset 13 with every
+GlobalAveragePool, Flatten, Concat, Gemm, Sigmoid, Squeeze, Unsqueeze, Reshape, Equal,
+GreaterOrEqual, Or, Identity, StringNormalizer) exists at opset 13 with every
 attribute and the float32/float64 types this graph needs; later versions of them only add
 element types (integers, bfloat16, float8, int4) or Cast's float8 `saturate`. onnxruntime has
 run opset 13 since 1.6 (2020) and TensorRT 8 and OpenVINO read it, whereas the IR version and
@@ -40,11 +41,11 @@ scored, and a NaN says so where a made-up number would not.
 - `probability` float32 [N]: P(outcome = 1), the same shape `models.predict_proba` returns.
 
 The categorical lookup uses ai.onnx.ml LabelEncoder (ml opset 2, onnxruntime since 1.0) and
-StringNormalizer (opset 10) for the case-insensitive match; lower-casing stands in for the
-table reader's casefold, which differs only for a few non-ASCII letters (German sharp s).
+StringNormalizer (opset 10, locale "C", so the host needs no locale installed) for the
+case-insensitive match; lower-casing stands in for the table reader's casefold, which differs
+only for a few non-ASCII letters (German sharp s).
 Padding, pooling and fusion order come from `agent.learn.stack.FORWARD`, which the forward
 pass's kernels implement.
-
 """
 
 from __future__ import annotations
