@@ -1,0 +1,173 @@
+"""The site's scorer in process, over a real ingest pipeline, real DICOM files and a real
+exported model: which series it scores (the watermark), a clinical row that comes later, a row
+the model cannot read, a tampered model, and a PACS that is down and comes back (storescp)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config.site import DataSources, ResultsConfig
+from agent.demo import ct
+from agent.demo.imaging import DEMO_IMAGING
+from agent.federation.broker import free_port
+from agent.federation.envelope import BodyKind, make_manifest
+from agent.ingest.pipeline import IngestPipeline
+from agent.learn import onnx_export as ox
+from agent.learn.distribution import save_received_model
+from agent.results.pacs import PacsNode
+from agent.results.scoring import (
+    NO_ROW,
+    SCORED,
+    SR_FAILED,
+    SR_SENT,
+    SiteScorer,
+)
+from tests.test_predict_study import ROW, project_probability, saved_model
+
+HAVE_STORESCP = shutil.which("storescp") is not None
+T0 = time.time() + 3600.0  # the tests' clock: after every file's arrival
+
+
+def _table(path: Path, rows: dict[str, dict[str, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["patient_id", *ROW])
+        w.writeheader()
+        for pid, row in rows.items():
+            w.writerow({"patient_id": pid, **row})
+
+
+class Site:
+    """A pipeline, a clinical table and a scorer over one state directory."""
+
+    def __init__(self, tmp: Path, pacs_port: int | None = None) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.pipeline = IngestPipeline(self.state, DEMO_IMAGING, kernel_backend="reference")
+        self.table = tmp / "clinical.csv"
+        _table(self.table, {})
+        pacs = None if pacs_port is None else PacsNode("PACS", "127.0.0.1", pacs_port,
+                                                         timeout_s=5.0)
+        self.scorer = SiteScorer(self.state, ResultsConfig(score=True, pacs=pacs, retry_s=60),
+                                 DataSources(table=self.table, id_column="patient_id"),
+                                 store=self.pipeline.store, secret=self.pipeline.secret,
+                                 verifier=None, set_imaging=self.pipeline.set_imaging)
+        self.pipeline.on_stored = self.scorer.capture
+        self.saved = saved_model("cnn_fused")
+
+    def place_model(self) -> bytes:
+        body = ox.to_onnx(self.saved).SerializeToString()
+        header = make_manifest(federation="stroke-imaging", round=6, sender="coordinator",
+                               body_kind=BodyKind.MODEL, body=body, created=time.time(),
+                               meta={"run": "r-1"}).header()
+        save_received_model(self.state / "model", header, body)
+        return body
+
+    def arrive(self, pid: str, completed: float, seed: int) -> None:
+        """A study received (file by file, as the listener hands them over) and completed at
+        T0 + `completed` seconds."""
+        scanner = ct.scanner_for_site(0)
+        folder = self.tmp / f"study-{pid}"
+        hu = ct.head_phantom_hu(scanner, 10.0 + seed, np.random.default_rng(seed))
+        for path in ct.write_series(folder, pid, hu, scanner):
+            assert self.pipeline.ingest_file(path, source="listener").status == "stored"
+        assert len(self.pipeline.complete_series(quiet_s=0.0, now=T0 + completed)) == 1
+
+    def close(self) -> None:
+        self.scorer.close()
+        self.pipeline.close()
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    yield s
+    s.close()
+
+
+def test_only_series_after_the_model_are_scored_and_late_rows_are_picked_up(site):
+    site.arrive("SYN-OLD", completed=1000.0, seed=1)  # a training-era study
+    site.place_model()
+    site.scorer.poll(now=T0 + 2000.0)
+    assert site.scorer.model is not None and site.scorer.book.all() == []
+    site.arrive("SYN-NEW", completed=3000.0, seed=2)
+    site.scorer.poll(now=T0 + 3001.0)
+    (s,) = site.scorer.book.all()
+    assert s.status == NO_ROW and s.probability is None and s.sr_status is None
+    time.sleep(0.01)
+    _table(site.table, {"SYN-NEW": ROW})  # the admission row arrives later
+    site.scorer.poll(now=T0 + 3002.0)
+    (s,) = site.scorer.book.all()
+    assert s.status == SCORED and s.model_sha256 == site.scorer.model.sha256
+    image = np.load(site.pipeline.store.series_array(s.series), allow_pickle=False)
+    assert abs(s.probability - project_probability(site.saved, ROW, image)) <= 1e-5
+    site.scorer.poll(now=T0 + 3003.0)  # nothing new: nothing scored twice
+    assert len(site.scorer.book.all()) == 1
+    assert site.scorer.status_extra()["scored_series"] == 1
+
+
+def test_a_row_the_table_reader_skips_is_recorded_not_guessed(site):
+    site.place_model()
+    site.scorer.poll(now=T0 + 2000.0)
+    _table(site.table, {"SYN-X": {**ROW, "sex": "unknown-x"}})
+    site.arrive("SYN-X", completed=3000.0, seed=3)
+    site.scorer.poll(now=T0 + 3001.0)
+    (s,) = site.scorer.book.all()
+    # the table reader skips the row (unknown level), as training would: no row, no guess
+    assert s.status == NO_ROW and s.probability is None
+
+
+def test_a_tampered_model_is_not_used(site, caplog):
+    body = site.place_model()
+    onnx_file = site.state / "model" / "model.onnx"
+    tampered = bytearray(body)
+    tampered[len(tampered) // 2] ^= 0x01
+    onnx_file.write_bytes(bytes(tampered))
+    _table(site.table, {"SYN-T": ROW})
+    site.arrive("SYN-T", completed=3000.0, seed=4)
+    with caplog.at_level("ERROR"):
+        site.scorer.poll(now=T0 + 2000.0)
+    assert site.scorer.model is None and site.scorer.book.all() == []
+    assert "model not used for scoring" in caplog.text
+
+
+@pytest.mark.skipif(not HAVE_STORESCP, reason="dcmtk's storescp not found")
+def test_pacs_down_then_back(tmp_path):
+    site = Site(tmp_path, pacs_port=free_port())  # nothing listens there yet
+    try:
+        site.place_model()
+        site.scorer.poll(now=T0 + 2000.0)
+        _table(site.table, {"SYN-P": ROW})
+        site.arrive("SYN-P", completed=3000.0, seed=5)
+        site.scorer.poll(now=T0 + 3001.0)
+        (s,) = site.scorer.book.all()
+        assert s.status == SCORED and s.sr_status == SR_FAILED and "could not connect" in s.detail
+        assert site.scorer.references.pending() == [s.series]  # kept for the retry
+        first_uid = s.sr_uid
+        out = tmp_path / "pacs"
+        out.mkdir()
+        port = free_port()
+        pacs = subprocess.Popen(["storescp", "-od", str(out), "-aet", "PACS", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(0.5)
+            site.scorer.pacs = PacsNode("PACS", "127.0.0.1", port, timeout_s=5.0)
+            site.scorer.poll(now=time.time() + 1.0)  # before retry_s: not yet
+            assert site.scorer.book.all()[0].sr_status == SR_FAILED
+            site.scorer.poll(now=time.time() + 61.0)
+        finally:
+            pacs.kill()
+            pacs.wait(10)
+        (s,) = site.scorer.book.all()
+        assert s.sr_status == SR_SENT and s.sr_uid == first_uid  # the same instance, resent
+        (received,) = out.iterdir()
+        assert first_uid in received.name
+        assert site.scorer.references.pending() == []
+    finally:
+        site.close()
