@@ -57,6 +57,7 @@ class BodyKind(str, enum.Enum):
     DECLINED = "declined"  # site -> coordinator: takes no part in this task, and why (no data)
     UNMASK = "unmask"  # coordinator -> sites: every masked update of the epoch is in
     REVEAL = "reveal"  # site -> coordinator: the epoch's self-mask seed, opening only the sum
+    MODEL = "model"  # coordinator -> sites: the final model as ONNX, sent before FINISHED
 
 
 @dataclass(frozen=True)

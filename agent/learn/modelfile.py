@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,32 @@ def save_model(directory: Path, model: SavedModel, extra: dict[str, Any] | None 
     return directory / "model.json"
 
 
+def _member(directory: Path, doc: dict[str, Any], field: str) -> Path:
+    """The file `field` names, which must be a plain file name inside the model directory:
+    a received or copied model.json must not make us read (or hash) a file elsewhere."""
+    name = doc[field]
+    where = f"{directory}/model.json: {field}"
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name \
+            or any(sep in name for sep in {"/", "\\", os.sep, os.altsep or "/"}):
+        raise DataError(f"{where} {str(name)[:80]!r} must be a plain file name inside the "
+                        "model directory")
+    path = directory / name
+    if path.is_symlink():
+        target = path.resolve()
+        if target.parent != directory.resolve():
+            raise DataError(f"{where} {name!r} is a symlink to {target}, outside the model "
+                            "directory")
+    return path
+
+
 def load_model(directory: Path) -> SavedModel:
     directory = Path(directory)
     try:
         doc = json.loads((directory / "model.json").read_text())
-        raw = (directory / doc["params_file"]).read_bytes()
-        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT \
+                or doc.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{directory}/model.json: not a fedsilo model version 1")
+        raw = _member(directory, doc, "params_file").read_bytes()
         if hashlib.sha256(raw).hexdigest() != doc["params_sha256"]:
             raise DataError(f"{directory}/model.f32: digest does not match model.json")
         layout = Layout.from_dict(doc["layout"])
@@ -76,7 +96,7 @@ def load_model(directory: Path) -> SavedModel:
                             f"{layout.size}")
         image_norm = None
         if "image_norm_file" in doc:
-            raw_norm = (directory / doc["image_norm_file"]).read_bytes()
+            raw_norm = _member(directory, doc, "image_norm_file").read_bytes()
             if hashlib.sha256(raw_norm).hexdigest() != doc["image_norm_sha256"]:
                 raise DataError(f"{directory}/image_norm.f32: digest does not match model.json")
             image_norm = np.frombuffer(raw_norm, dtype="<f4").astype(np.float32)
