@@ -5,6 +5,7 @@ sites' own updates."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -14,9 +15,10 @@ import paho.mqtt.client as mqtt
 
 from agent.config import IdentityFiles
 from agent.federation import envelope
+from agent.learn.distribution import verify_model
 from agent.learn.modelfile import load_model
 from agent.security.pki import PKI
-from agent.security.signing import Signer
+from agent.security.signing import Signer, Verifier
 from tests.fedharness import (
     CoordinatorThread,
     breast_cancer_sites,
@@ -121,6 +123,18 @@ def test_forged_replayed_and_foreign_updates_are_refused_and_rounds_complete(tmp
         log = (tmp_path / f"{name}.log").read_text()
         assert "signer_mismatch" in log and "Traceback" not in log
     assert json.dumps(final)  # the record is plain JSON
+    # the final model reached every site, signed by the coordinator, byte for byte its file
+    sent = (tmp_path / "coord" / "model" / "model.onnx").read_bytes()
+    verifier = Verifier(tmp_path / "pki" / "ca.crt", tmp_path / "pki" / "crl.pem")
+    for name in names:
+        model = verify_model(tmp_path / "sites" / name / "model", verifier)
+        assert model.signed and model.signer == "coordinator"
+        assert model.sha256 == hashlib.sha256(sent).hexdigest()
+        assert model.card["run"] == coordinator.run_id and model.card["rounds_completed"] == "4"
+        assert model.card["training_sites"] == "2"
+        assert json.loads(model.card["final_metrics"]) == json.loads(json.dumps(final["eval"]))
+        log = (tmp_path / f"{name}.log").read_text()
+        assert f"model of run {coordinator.run_id} saved to" in log
 
 
 class Fuzzer:

@@ -28,6 +28,7 @@ def test_documents_the_agents_make_validate(tmp_path):
                            round=3, extra={"bytes_sent": 10, "throttled": False,
                                            "last_round_ok_ts": None, **host_vitals(tmp_path)})
     VALIDATOR.validate(site)
+    VALIDATOR.validate({**site, "model_sha256": "142832be6ac9"})
     assert site["disk_free_gib"] > 0 and site["memory_percent"] > 0
     VALIDATOR.validate(json.loads(offline_status(role="coordinator", identity="coordinator",
                                                  federation=FED, reason="connection_lost")))
@@ -39,6 +40,7 @@ def test_documents_the_agents_make_validate(tmp_path):
     {"extra": {"nested": True}},               # not flat
     {"state": "offline"},                      # offline without a reason
     {"schema": 1},                             # another layout
+    {"model_sha256": "not a digest"},          # the model held: 12 hex digits
 ])
 def test_documents_breaking_the_contract_do_not(change):
     doc = status_document(role="site", identity="north", federation=FED, state=State.IDLE,

@@ -58,6 +58,7 @@ PARAMS = "global.f32"  # before checkpoints named their files (still read)
 IMAGE_NORM = "image_norm.f32"
 _STATE_FILE = re.compile(r"[a-z_]+(-[0-9a-f]{16})?\.f(32|64)")
 METRICS = "metrics.json"
+MODEL_ONNX = "model.onnx"  # in model/: the final model as the sites receive it
 MAX_SAMPLES = 10**9
 STATE_RETRY_S = 5.0  # while the state directory refuses a checkpoint
 LOST_ANSWER_GRACE_S = 3.0  # a site's status may overtake the tail of its upload
@@ -919,14 +920,79 @@ class Coordinator:
             extra={"run": self.run_id}))
         log.info("final model written to %s", directory)
 
+    def _model_card_extra(self) -> dict[str, str]:
+        """What the exported model's card says about this run, from the history: the rounds
+        really closed (a DP budget may stop a federation early), the sites whose updates were
+        used, the final held-out metrics and the privacy spent."""
+        rounds = [r for r in self.history if "round" in r]
+        final = next((h["final"] for h in reversed(self.history) if "final" in h), {})
+        extra = {"run": self.run_id, "rounds_completed": str(len(rounds)),
+                 "training_sites": str(len({s for r in rounds for s in r.get("sites", [])})),
+                 "final_metrics": json.dumps(final.get("eval", {}), sort_keys=True,
+                                             separators=(",", ":"))}
+        epsilon = self.history_epsilon()
+        if epsilon is not None:
+            extra["epsilon"] = f"{epsilon:.6g}"
+        return extra
+
+    def _ensure_onnx(self) -> Path | None:
+        """`model/model.onnx` for this run's final model, (re)written only when the file's
+        card does not describe this run and parameters (so a restarted coordinator sends the
+        same bytes again); None when the model kind has no ONNX export."""
+        from agent.learn import onnx_export as ox
+
+        if self.layout.kind not in ox.EXPORTABLE_KINDS:
+            log.warning("the final model is not distributed to the sites: model kind %s has "
+                        "no ONNX export (exportable: %s)", self.layout.kind,
+                        ", ".join(ox.EXPORTABLE_KINDS))
+            return None
+        directory = self.state_dir / "model"
+        path = directory / MODEL_ONNX
+        extra = self._model_card_extra()
+        want = {**extra,
+                "params_sha256": hashlib.sha256(self.params.astype("<f4").tobytes()).hexdigest()}
+        try:
+            card = ox.model_card(ox.load_onnx(path))
+            if all(card.get(k) == v for k, v in want.items()):
+                return path
+        except Exception:  # noqa: BLE001 - missing, torn or foreign: written again below
+            pass
+        try:
+            saved = load_model(directory)
+            self._write_state("final model (ONNX)",
+                              lambda: ox.save_onnx(saved, path, extra=extra))
+        except (ValueError, DataError) as exc:
+            log.warning("the final model is not distributed to the sites: ONNX export "
+                        "failed (%s)", exc)
+            return None
+        log.info("final model exported to %s", path)
+        return path
+
+    def _publish_model(self) -> dict[str, Any] | None:
+        """The exported model to every site, signed and chunked like a task, at round
+        rounds + 2; what the finished control says about it (None: nothing sent)."""
+        path = self._ensure_onnx()
+        if path is None:
+            return None
+        body = path.read_bytes()
+        rnd = self.plan.rounds + 2
+        digest = hashlib.sha256(body).hexdigest()
+        self._broadcast(rnd, BodyKind.MODEL, body, {"file": MODEL_ONNX})
+        log.info("final model sent to the sites (%d bytes, sha256 %s)", len(body), digest[:12])
+        return {"round": rnd, "sha256": digest, "bytes": len(body)}
+
     def _announce_finished(self) -> None:
-        """Model on disk, then the retained finished control: done on every start of a
-        finished federation too, since a crash may have come between the checkpoint and
-        either of them (sites wait for the control to stop)."""
+        """Model on disk, the model to the sites, then the retained finished control: done
+        on every start of a finished federation too, since a crash may have come between the
+        checkpoint and any of them (sites wait for the control to stop)."""
         self._ensure_model()
+        model = self._publish_model()
+        meta: dict[str, Any] = {"run": self.run_id}
+        if model is not None:
+            meta["model"] = model
         manifest = make_manifest(federation=self.fed, round=self.plan.rounds + 1,
                                  sender="coordinator", body_kind=BodyKind.FINISHED, body=b"",
-                                 created=time.time(), meta={"run": self.run_id})
+                                 created=time.time(), meta=meta)
         self.transport.publish(topics.coordinator_manifest(self.fed, self.plan.rounds + 1), b"",
                                retain=True)
         self.peer.send_body(topics.coordinator_control(self.fed), lambda k: "", manifest, b"",
@@ -951,6 +1017,9 @@ class Coordinator:
             if self.phase != "finished":
                 # A new run replaces whatever an earlier federation left retained.
                 self.transport.publish(topics.coordinator_control(self.fed), b"", retain=True)
+                self.transport.publish(topics.coordinator_manifest(self.fed,
+                                                                   self.plan.rounds + 2),
+                                       b"", retain=True)  # the last run's model
             if self.phase == "stats":
                 self._stats_phase()
             first = self.current_round + 1 if self.history else 1

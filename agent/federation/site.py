@@ -37,6 +37,7 @@ from agent.federation.peer import BodyReady, Peer, Trust
 from agent.federation.transport import Transport, Will
 from agent.ingest.tables import EncodedTable, load_table
 from agent.learn import metrics
+from agent.learn.distribution import received_digest, save_received_model, verify_model
 from agent.learn.kinds import model_kind
 from agent.learn.layout import Layout
 from agent.learn.models import predict_proba
@@ -78,6 +79,7 @@ STATUS_EVERY_S = 10.0
 THROTTLE_POLL_S = 1.0  # while paused: how often the policy is asked again
 STATE_RETRY_S = 10.0  # a task the state directory refused is tried again after this
 START_TIMEOUT_S = 120.0  # asked of systemd while starting (a cold Numba cache compiles)
+MODEL_WAIT_S = 60.0  # after "finished" names a model not yet here: how long to wait for it
 
 
 class _Stopping(BaseException):
@@ -169,6 +171,32 @@ def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+class _SitePeer(Peer):
+    """A Peer that keeps the signed header of the model manifests it verified: the site saves
+    it beside the model (model.manifest.json) so the signature can be checked again offline."""
+
+    KEEP = 8  # headers of model manifests kept (one per coordinator restart at most)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_headers: dict[tuple[Any, Any], dict[str, Any]] = {}
+
+    def _verify(self, header: dict[str, Any], topic: topics.Topic) -> None:
+        super()._verify(header, topic)
+        if header.get("kind") == "manifest" and header.get("body_kind") == BodyKind.MODEL.value:
+            key = (header.get("round"), header.get("nonce"))
+            self.model_headers.pop(key, None)
+            self.model_headers[key] = dict(header)
+            while len(self.model_headers) > self.KEEP:
+                del self.model_headers[next(iter(self.model_headers))]
+
+    def signed_header(self, m: Manifest) -> dict[str, Any] | None:
+        """The header as received of a completed model body (None if it was never seen)."""
+        header = self.model_headers.get((m.round, m.nonce))
+        return header if header is not None and header.get("body_digest") == m.body_digest \
+            else None
+
+
 class Site:
     def __init__(self, config: SiteConfig, *, backend: str = "auto",
                  process_start: float | None = None) -> None:
@@ -229,9 +257,13 @@ class Site:
                       offline_status(role="site", identity=self.site_id, federation=self.fed,
                                      reason="connection_lost")),
             subscriptions=topics.site_subscriptions(self.fed, self.site_id))
-        self.peer = Peer(self.transport, self.fed, self.site_id, max_body=MAX_TASK_BYTES,
-                         accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
-                                                     self.site_id))
+        self.peer = _SitePeer(self.transport, self.fed, self.site_id, max_body=MAX_TASK_BYTES,
+                              accept=self._accept, trust=Trust.load(
+                                  config.identity, config.broker.tls, self.site_id))
+        self.peer.open_stream = self._open_stream
+        self.model_dir = config.state_dir / "model"
+        self.model_sha256 = received_digest(self.model_dir)  # of the model this site holds
+        self._awaited_model: dict[str, Any] | None = None  # what "finished" said was sent
 
     # ------------------------------------------------------------------ helpers
 
@@ -261,6 +293,8 @@ class Site:
         extra["cert_days_left"] = self.transport.cert_days_left()
         extra["last_round_ok_ts"] = self.last_round_ok_ts
         extra["run"] = self.run_id
+        if self.model_sha256 is not None:
+            extra["model_sha256"] = self.model_sha256[:12]
         extra["trust_problem"] = self.peer.trust.problem if self.peer.trust else None
         extra["answered_round"] = self.answered_round  # the coordinator asks again if lost
         extra["throttled"] = self.throttle_reason is not None
@@ -792,11 +826,81 @@ class Site:
 
     # ------------------------------------------------------------------ main loop
 
+    def _open_stream(self, topic: topics.Topic, m: Manifest) -> None:
+        """Before any chunk is kept: a model of another run, or the one this site holds
+        already (seen again after a restart), is refused, so nothing asks for its chunks."""
+        if m.body_kind is not BodyKind.MODEL:
+            return None  # received whole, as before
+        run = m.meta.get("run")
+        if run != self.run_id:
+            raise ProtocolError("model_of_another_run", f"model of run {run}, this site takes "
+                                                        f"part in run {self.run_id}: ignored")
+        if m.body_digest == self.model_sha256:
+            raise ProtocolError("model_already_held", f"model of run {run} is here already")
+        return None
+
+    def _on_model(self, m: Manifest, body: bytes) -> None:
+        """Keep the federation's final model (body, then its signed manifest) and check it
+        as the scorer and `fedsilo model verify` will."""
+        run = m.meta.get("run")
+        if run != self.run_id:  # the run changed while its chunks were arriving
+            log.info("ignoring the model of run %s: this site takes part in run %s", run,
+                     self.run_id)
+            return
+        header = self.peer.signed_header(m)
+        if header is None:
+            log.warning("model of run %s arrived without the manifest it was checked "
+                        "against; not kept", run)
+            return
+        try:
+            path = save_received_model(self.model_dir, header, body)
+        except (OSError, DataError) as exc:
+            error = describe(self.config.state_dir, exc) if isinstance(exc, OSError) else exc
+            log.error("model of run %s not saved to %s: %s", run, self.model_dir, error)
+            return
+        self.model_sha256 = m.body_digest
+        trust = self.peer.trust
+        try:
+            verified = verify_model(self.model_dir, trust.verifier if trust else None,
+                                    allow_unsigned=trust is None)
+        except DataError as exc:
+            log.error("model of run %s saved to %s, but it does not verify: %s", run, path, exc)
+            return
+        log.info("model of run %s saved to %s (sha256 %s, %s)", run, path, verified.short,
+                 "signed by the coordinator" if verified.signed else "UNSIGNED")
+        self.publish_status()
+
+    def _wait_for_model(self) -> None:
+        """"Finished" named a model this site has not got yet (its chunks may still be on
+        the way, or asked for again): keep polling for it a while, then finish without it."""
+        want = self._awaited_model
+        self._awaited_model = None
+        if not isinstance(want, dict) or want.get("sha256") in (None, self.model_sha256):
+            return
+        deadline = time.monotonic() + MODEL_WAIT_S
+        log.info("waiting up to %.0f s for the final model (%s)", MODEL_WAIT_S,
+                 str(want.get("sha256"))[:12])
+        while self.model_sha256 != want.get("sha256"):
+            if time.monotonic() >= deadline:
+                log.warning("the final model (sha256 %s) did not arrive within %.0f s; "
+                            "finishing without it", str(want.get("sha256"))[:12], MODEL_WAIT_S)
+                return
+            if self.stop_event.is_set():
+                return
+            self.notifier.beat()
+            for event in self.peer.poll(0.1):
+                if isinstance(event, BodyReady) and event.manifest.body_kind is BodyKind.MODEL:
+                    self._on_model(event.manifest, event.body)
+            self.peer.request_missing(lambda _m: topics.site_req(self.fed, self.site_id))
+
     def _handle(self, event: BodyReady) -> bool:
         """Handle one complete body from the coordinator; True when the federation finished."""
         m = event.manifest
         if event.topic.kind == "control":
             return m.body_kind is BodyKind.FINISHED and self._on_finished(m)
+        if m.body_kind is BodyKind.MODEL:  # before the check below: it may come after finished
+            self._on_model(m, event.body)
+            return False
         if m.meta.get("run") in self.finished_runs:
             log.info("ignoring a round %d task of run %s, which finished earlier", m.round,
                      m.meta.get("run"))
@@ -836,6 +940,8 @@ class Site:
                      run if isinstance(run, str) else "?")
             return False
         log.info("federation %s finished (run %s)", self.fed, run)
+        model = m.meta.get("model")
+        self._awaited_model = model if isinstance(model, dict) else None
         self.finished_runs = [*self.finished_runs, run][-16:]
         self._save_state()
         return True
@@ -908,12 +1014,16 @@ class Site:
                 if self._retry is not None and time.monotonic() >= self._retry[1]:
                     events.insert(0, self._retry[0])  # a task the state directory refused
                     self._retry = None
-                for event in events:
+                finished = False
+                for event in events:  # all of them: the model may be queued behind "finished"
                     if isinstance(event, BodyReady) and self._handle(event):
-                        self.state = State.FINISHED
-                        self.publish_status()
-                        if exit_when_finished:
-                            return 0
+                        finished = True
+                if finished:
+                    self._wait_for_model()
+                    self.state = State.FINISHED
+                    self.publish_status()
+                    if exit_when_finished:
+                        return 0
                 self.peer.request_missing(lambda _m: topics.site_req(self.fed, self.site_id))
                 if time.monotonic() - last_status >= STATUS_EVERY_S:
                     self.publish_status()
