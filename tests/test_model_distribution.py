@@ -278,3 +278,103 @@ def test_run_verify_config_problems_are_config_errors(tmp_path, pki, onnx_bytes)
     with pytest.raises(ConfigError, match="--crl"):
         run_verify(d, config=None, ca=None, crl=p.dir / "crl.pem", allow_unsigned=False)
     assert run_verify(d, config=None, ca=None, crl=None, allow_unsigned=True) == 0
+
+
+# ---------------------------------------------------------------------- the coordinator's export
+
+def test_coordinator_export_card_and_rewrite_only_when_stale(tmp_path):
+    """The exported card describes the run from its history, and a restarted coordinator
+    sends the very same bytes (the file is not rewritten while its card matches)."""
+    from agent.config import BrokerConfig, CoordinatorConfig
+    from agent.federation.coordinator import Coordinator
+    from tests.fedharness import breast_cancer_sites
+    from tests.test_federation import plan_for
+
+    _tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    coord = Coordinator(CoordinatorConfig(state_dir=tmp_path / "state",
+                                          broker=BrokerConfig(port=1)),
+                        plan_for(features, ["north", "south", "east"], rounds=3))
+    final_eval = {"n": 40.0, "auc": 0.9, "auc_n": 40.0, "auc_sites": ["north"]}
+    coord.history = [{"round": 1, "sites": ["north", "south"]},
+                     {"round": 2, "sites": ["north"]},  # stopped early, east never took part
+                     {"final": {"round": 4, "eval": final_eval}}]
+    coord._ensure_model()
+    path = coord._ensure_onnx()
+    assert path == tmp_path / "state" / "model" / "model.onnx"
+    card = ox.model_card(ox.load_onnx(path))
+    assert card["run"] == coord.run_id and card["rounds_completed"] == "2"
+    assert card["rounds"] == "3" and card["training_sites"] == "2"
+    assert json.loads(card["final_metrics"]) == final_eval and "epsilon" not in card
+    before, stat = path.read_bytes(), path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert coord._ensure_onnx() == path and path.stat().st_mtime_ns == stat
+    coord.run_id = "another-run"  # a card of another run is written again
+    coord._ensure_onnx()
+    assert ox.model_card(ox.load_onnx(path))["run"] == "another-run"
+    path.write_bytes(before[:100])  # a torn file too
+    coord._ensure_onnx()
+    assert ox.model_card(ox.load_onnx(path))["run"] == "another-run"
+
+
+# ---------------------------------------------------------------------- a site receiving it
+
+@pytest.mark.integration
+def test_site_waits_for_a_model_that_finished_names_and_ignores_other_runs(tmp_path, mosquitto,
+                                                                           onnx_bytes):
+    """A real `fedsilo site run` against Mosquitto, driven by hand as a coordinator without a
+    PKI: a model of another run is refused; "finished" arrives before the model it names, and
+    the site waits for it, keeps it, verifies it (unsigned: no PKI) and only then exits."""
+    import paho.mqtt.client as mqtt
+
+    from agent.federation import envelope, topics
+    from tests.fedharness import breast_cancer_sites, start_site, stop_all, write_site_config
+    from tests.test_crash_recovery import wait_for_line
+    from tests.test_lifecycle import read_retained
+
+    fed = FED
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    cfg = write_site_config(tmp_path / "sites", "north", fed, mosquitto.port, tables[0])
+    state = tmp_path / "sites" / "north"
+    state.mkdir(parents=True)
+    (state / "site-state.json").write_text(json.dumps(
+        {"federation": fed, "run": "r-1", "answered": [], "finished_runs": []}))
+    log = tmp_path / "north.log"
+    proc = start_site(cfg, log)
+    read_retained(mosquitto.port, topics.site_status(fed, "north"),
+                  lambda d: d["state"] == "idle", timeout=60)
+
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="coordinator-by-hand")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+
+    def send(rnd, kind, body, meta, control=False):
+        m = make_manifest(federation=fed, round=rnd, sender="coordinator", body_kind=kind,
+                          body=body, created=time.time(), meta=meta)
+        head = topics.coordinator_control(fed) if control else \
+            topics.coordinator_manifest(fed, rnd)
+        infos = [pub.publish(head, envelope.encode(m.header()), qos=1, retain=True)]
+        infos += [pub.publish(topics.coordinator_chunk(fed, rnd, k), payload, qos=1)
+                  for k, payload in envelope.iter_chunks(m, body)]
+        for info in infos:
+            info.wait_for_publish(10)
+
+    try:
+        other = ox.to_onnx(saved_model("logistic", seed=1)).SerializeToString()
+        send(6, BodyKind.MODEL, other, {"run": "run-z"})
+        wait_for_line(log, "model_of_another_run")
+        digest = hashlib.sha256(onnx_bytes).hexdigest()
+        send(5, BodyKind.FINISHED, b"", {"run": "r-1", "model": {
+            "round": 6, "sha256": digest, "bytes": len(onnx_bytes)}}, control=True)
+        wait_for_line(log, "waiting up to 60 s for the final model")
+        assert proc.poll() is None
+        send(6, BodyKind.MODEL, onnx_bytes, {"run": "r-1"})
+        assert stop_all([proc], timeout=60) == [0]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    text = log.read_text()
+    assert f"model of run r-1 saved to {state / 'model' / MODEL_FILE}" in text
+    assert "UNSIGNED" in text and "Traceback" not in text
+    v = verify_model(state / "model", None, allow_unsigned=True)
+    assert v.sha256 == digest and not v.signed
+    assert json.loads((state / "model" / MANIFEST_FILE).read_text())["meta"]["run"] == "r-1"
