@@ -109,7 +109,9 @@ def test_only_series_after_the_model_are_scored_and_late_rows_are_picked_up(site
     assert abs(s.probability - project_probability(site.saved, ROW, image)) <= 1e-5
     site.scorer.poll(now=T0 + 3003.0)  # nothing new: nothing scored twice
     assert len(site.scorer.book.all()) == 1
-    assert site.scorer.status_extra()["scored_series"] == 1
+    extra = site.scorer.status_extra()
+    assert extra == {"scored_series": 1, "scoring_model": site.scorer.model.version}
+    _check_status_keys(extra)
 
 
 def test_a_row_the_table_reader_skips_is_recorded_not_guessed(site):
@@ -169,5 +171,19 @@ def test_pacs_down_then_back(tmp_path):
         (received,) = out.iterdir()
         assert first_uid in received.name
         assert site.scorer.references.pending() == []
+        extra = site.scorer.status_extra()
+        assert (extra["results_sent"], extra["results_failed"]) == (1, 0)
+        _check_status_keys(extra)
     finally:
         site.close()
+
+
+def _check_status_keys(extra: dict) -> None:
+    """The scorer's status keys are the ones docs/status.schema.json describes."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "status.schema.json").read_text())
+    for key, value in extra.items():
+        jsonschema.validate(value, schema["properties"][key])
