@@ -40,5 +40,11 @@ class ProtocolError(FedsiloError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class NotWanted(ProtocolError):
+    """A sound message this role has no use for (a model it holds already, another run's):
+    refused like any other, but logged at INFO and not counted as a rejected message, so
+    monitoring does not alarm on every restart."""
+
+
 class BrokerError(FedsiloError):
     """The MQTT broker cannot be reached or refused us."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import IdentityFiles, TLSFiles
-from agent.errors import BrokerError, ConfigError, ProtocolError
+from agent.errors import BrokerError, ConfigError, NotWanted, ProtocolError
 from agent.federation import envelope, topics
 from agent.federation.envelope import Manifest, MessageKind
 from agent.federation.reassembly import Reassembler, Sink
@@ -233,6 +233,8 @@ class Peer:
             if topic.kind == "status":
                 return StatusSeen(topic, _parse_status(payload))
             return self._handle_envelope(topic, payload)
+        except NotWanted as exc:
+            log.info("ignored message on %s: %s", topic_name[:200], exc)
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.warning("dropped message on %s (%d bytes): %s", topic_name[:200], len(payload),

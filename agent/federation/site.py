@@ -27,7 +27,7 @@ import numpy as np
 
 import kernels as kernel_registry
 from agent.config import Plan, SiteConfig, plan_from_dict
-from agent.errors import DataError, FedsiloError, ProtocolError
+from agent.errors import DataError, FedsiloError, NotWanted, ProtocolError
 from agent.federation import topics
 from agent.federation.aggregate import accumulate_update
 from agent.federation.codec import Encoded, encode_update, kept_count, rounding_seed
@@ -833,10 +833,10 @@ class Site:
             return None  # received whole, as before
         run = m.meta.get("run")
         if run != self.run_id:
-            raise ProtocolError("model_of_another_run", f"model of run {run}, this site takes "
-                                                        f"part in run {self.run_id}: ignored")
+            raise NotWanted("model_of_another_run", f"model of run {run}, this site takes part "
+                                                    f"in run {self.run_id}")
         if m.body_digest == self.model_sha256:
-            raise ProtocolError("model_already_held", f"model of run {run} is here already")
+            raise NotWanted("model_already_held", f"model of run {run} is here already")
         return None
 
     def _on_model(self, m: Manifest, body: bytes) -> None:
