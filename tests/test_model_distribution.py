@@ -128,6 +128,21 @@ def test_a_signed_model_verifies(tmp_path, pki, onnx_bytes):
     assert checks == ["files", "digest", "signature", "onnx"]
 
 
+def test_receipt_check_stops_before_onnx(tmp_path, pki):
+    """What the site runs on receipt: files, digest and signature, not the ONNX checker (so a
+    training site never imports onnx); the full check still refuses a body that is no ONNX."""
+    p, _ = pki
+    d = tmp_path / "model"
+    body = b"not an onnx model at all"
+    save_received_model(d, _header(body, _signer(p, "coordinator")), body)
+    checks = []
+    v = verify_model(d, _verifier(p), check_onnx=False,
+                     report=lambda check, _detail: checks.append(check))
+    assert v.signed and v.card == {} and checks == ["files", "digest", "signature"]
+    with pytest.raises(DataError, match="not a valid ONNX model"):
+        verify_model(d, _verifier(p))
+
+
 def test_one_flipped_byte_is_refused_as_tampered(tmp_path, pki, onnx_bytes):
     p, _ = pki
     d = tmp_path / "model"

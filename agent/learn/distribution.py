@@ -85,10 +85,14 @@ def received_digest(directory: Path) -> str | None:
 
 
 def verify_model(directory: Path, verifier: Verifier | None, *, allow_unsigned: bool = False,
-                 report: Callable[[str, str], None] | None = None) -> VerifiedModel:
+                 report: Callable[[str, str], None] | None = None,
+                 check_onnx: bool = True) -> VerifiedModel:
     """Every check above, in order; DataError names the file and the first problem.
 
-    `report(check, detail)` is called after each check that passed (the CLI prints them)."""
+    `report(check, detail)` is called after each check that passed (the CLI prints them).
+    `check_onnx=False` stops after the signature (card then empty): the site checks what it
+    wrote on receipt without importing onnx (~15 MiB), which only scoring needs; whoever
+    uses the model verifies it whole first (the scorer, `fedsilo model verify`)."""
     directory = Path(directory)
     if directory.is_file():  # the model file itself was named
         directory = directory.parent
@@ -129,6 +133,9 @@ def verify_model(directory: Path, verifier: Verifier | None, *, allow_unsigned: 
         raise DataError(f"{manifest_path}: unsigned manifest; nothing vouches for this model "
                         "(only a demo without a PKI may allow it)")
 
+    if not check_onnx:
+        return VerifiedModel(path=path, sha256=digest, card={}, signer=signer, signed=signed,
+                             manifest=header)
     card = _onnx_card(path, raw)
     if not card.get("params_sha256"):
         raise DataError(f"{path}: the model card has no params_sha256 (not exported by "
