@@ -1,8 +1,8 @@
 """onnxruntime on the exported model against the project's own forward pass, one process.
 
-Models built like tests/test_onnx_export.py and tests/test_predict_study.py on the demo's plan
-(`agent.demo.imaging.imaging_plans`: 10 clinical features, 14 encoded columns): seeded params
-with a seeded perturbation, the output bias centred so probabilities are not saturated.
+Models from `agent.demo.models.demo_model` on the demo's plan (10 clinical features, 14
+encoded columns): seeded params with a seeded perturbation, the output bias centred so
+probabilities are not saturated.
   logistic, mlp [32, 16]   clinical rows; batch 1 (a site scoring one patient) and 4096
   cnn_fused                the demo's CNN (conv [4, 8], kernel 3) on the demo grid (8 x 32 x
                            32), images already preprocessed onto the grid; batch 1 and 64
@@ -27,9 +27,7 @@ Usage: python benchmarks/bench_onnx.py [--repeats 5] [--seconds 0.2] [--json PAT
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -41,92 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import ModelSpec, plan_to_toml_dict
-from agent.demo.imaging import DEMO_IMAGING, imaging_plans
-from agent.ingest.tables import encoded_columns, numeric_column_indices
+from agent.demo.models import demo_model, encoded_rows, grid_images, project_proba
 from agent.learn import onnx_export as ox
-from agent.learn import stack
-from agent.learn.layout import build_layout, init_params
 from agent.learn.modelfile import SavedModel
-from agent.learn.models import predict_proba
 from agent.learn.onnx_runtime import ExportedModel, load_exported, rows_from_encoded, score
-from agent.learn.standardize import apply_standardization
 
 TOL = 1e-5
-MEANS = {"age": 72.0, "nihss": 9.0, "onset_to_door_min": 140.0, "glucose_mmol_l": 7.0,
-         "systolic_bp": 150.0, "prestroke_mrs": 1.0}
-TABULAR = {"logistic": ModelSpec("logistic"), "mlp": ModelSpec("mlp", hidden=(32, 16))}
+TABULAR = {"logistic": (), "mlp": (32, 16)}  # name -> hidden widths
 WAYS = ("project", "enc 1t", "raw 1t", "score() 1t", "enc def", "raw def")
-
-
-def saved_model(spec: ModelSpec, imaging: bool, kernels: ModuleType, seed: int) -> SavedModel:
-    """A seeded model of the demo's plan (tables, or tables + CT for cnn_fused), its output
-    bias shifted by the median logit of a calibration batch (as tests/test_onnx_export.py)."""
-    tables, fused = imaging_plans(["north", "south"], rounds=4, seed=seed)
-    plan = fused if imaging else dataclasses.replace(tables, model=spec)
-    columns = encoded_columns(plan.features)
-    image = (DEMO_IMAGING.depth, DEMO_IMAGING.size, DEMO_IMAGING.size) if imaging else None
-    layout = build_layout(plan.model, len(columns), image)
-    rng = np.random.default_rng(100 + seed)
-    params = (init_params(layout, seed) + rng.normal(0.0, 0.1, layout.size)).astype(np.float32)
-    mean, scale = np.zeros(len(columns)), np.ones(len(columns))
-    for i in numeric_column_indices(plan.features):
-        mean[i], scale[i] = MEANS[columns[i]], 0.3 * MEANS[columns[i]]
-    norm = None
-    if image is not None:
-        voxels = math.prod(image)
-        norm = np.concatenate([rng.uniform(0.2, 0.6, voxels),
-                               rng.uniform(0.05, 0.3, voxels)]).astype(np.float32)
-    saved = SavedModel(layout=layout, params=params, columns=columns, mean=mean, scale=scale,
-                       plan=plan_to_toml_dict(plan), image_norm=norm)
-    x = encoded_rows(saved, 64, 900 + seed)
-    p = project_proba(saved, kernels, x, grid_images(saved, 64, 800 + seed) if imaging else None)
-    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-    layout.views(params)[stack.dense_layers(layout)[-1][1]] -= np.float32(
-        np.median(np.log(p) - np.log1p(-p)))
-    return saved
-
-
-def encoded_rows(saved: SavedModel, n: int, seed: int) -> np.ndarray:
-    """Rows as agent.ingest.tables encodes them: numeric values around the plan's means (10 %
-    missing = NaN), one-hot categoricals (some all zeros = missing)."""
-    from agent.config import plan_from_dict
-
-    features = plan_from_dict(saved.plan).features
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, len(saved.columns)), dtype=np.float32)
-    pos = 0
-    for f in features:
-        if f.type == "categorical":
-            pick = rng.integers(-1, len(f.levels), n)  # -1: missing, all zeros
-            for j in range(len(f.levels)):
-                x[:, pos + j] = pick == j
-            pos += len(f.levels)
-        else:
-            x[:, pos] = saved.mean[pos] + 1.5 * saved.scale[pos] * rng.standard_normal(n)
-            x[rng.random(n) < 0.1, pos] = np.nan
-            pos += 1
-    return x
-
-
-def grid_images(saved: SavedModel, n: int, seed: int) -> np.ndarray:
-    """Windowed (0..1) images on the plan's grid, spread around the federation's mean."""
-    rng = np.random.default_rng(seed)
-    mean, scale = (a.reshape(saved.layout.image_shape) for a in np.split(saved.image_norm, 2))
-    noise = rng.standard_normal((n, *saved.layout.image_shape))
-    return np.clip(mean + scale * noise, 0.0, 1.0).astype(np.float32)
-
-
-def project_proba(saved: SavedModel, kernels: ModuleType, x: np.ndarray,
-                  images: np.ndarray | None) -> np.ndarray:
-    """The project's path: standardise the rows (and the images, per voxel), predict_proba."""
-    xs = apply_standardization(x, saved.mean, saved.scale)
-    std = None
-    if images is not None:
-        mean, scale = np.split(saved.image_norm, 2)
-        shape = images.shape[1:]
-        std = ((images - mean.reshape(shape)) / scale.reshape(shape)).astype(np.float32)
-    return predict_proba(saved.layout, saved.params, xs, kernels, std)
 
 
 def sessions(saved: SavedModel, tmp: Path, name: str) -> dict[str, Any]:
@@ -239,13 +159,13 @@ def main() -> None:
           f"with {numba.get_num_threads()} threads; os.cpu_count() = {os.cpu_count()}; median "
           f"of {args.repeats} runs of ~{args.seconds} s", flush=True)
 
-    plan_batches = [(name, spec, False, (1, 4096)) for name, spec in TABULAR.items()]
-    plan_batches.append(("cnn_fused", None, True, (1, 64)))
+    plan_batches = [(name, hidden, (1, 4096)) for name, hidden in TABULAR.items()]
+    plan_batches.append(("cnn_fused", (), (1, 64)))
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-onnx-") as tmp:
-        for i, (name, spec, imaging, batches) in enumerate(plan_batches):
-            saved = saved_model(spec, imaging, kernels, seed=i)
+        for i, (name, hidden, batches) in enumerate(plan_batches):
+            saved = demo_model(name, hidden=hidden, seed=i, backend=kernels)
             sess = sessions(saved, Path(tmp), name)
             for n in batches:
                 print(f"[{name} N={n}] checking and timing {len(WAYS)} ways ...", end="",

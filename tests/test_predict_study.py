@@ -5,7 +5,6 @@ project's own ingest pipeline and forward pass."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -13,13 +12,10 @@ import numpy as np
 import pytest
 
 import kernels.reference as REF
-from agent.config import ModelSpec, plan_to_toml_dict
 from agent.demo import ct
-from agent.demo.imaging import DEMO_IMAGING, imaging_plans
+from agent.demo.imaging import DEMO_IMAGING
+from agent.demo.models import demo_model
 from agent.ingest.pipeline import IngestPipeline
-from agent.ingest.tables import encoded_columns, numeric_column_indices
-from agent.learn import stack
-from agent.learn.layout import build_layout, init_params
 from agent.learn.modelfile import SavedModel, save_model
 from agent.learn.models import predict_proba
 from agent.learn.onnx_runtime import rows_from_encoded
@@ -28,8 +24,6 @@ from agent.learn.standardize import apply_standardization
 ROW = {"age": "74", "sex": "Female", "nihss": "14", "onset_to_door_min": "", "glucose_mmol_l":
        "7.9", "systolic_bp": "162", "atrial_fibrillation": "yes", "prestroke_mrs": "1",
        "thrombolysis": "NO", "thrombectomy": "yes"}
-MEANS = {"age": 72.0, "nihss": 9.0, "onset_to_door_min": 140.0, "glucose_mmol_l": 7.0,
-         "systolic_bp": 150.0, "prestroke_mrs": 1.0}
 
 
 def fedsilo(*args) -> subprocess.CompletedProcess[str]:
@@ -42,27 +36,8 @@ def inline(row: dict[str, str]) -> str:
 
 
 def saved_model(kind: str, seed: int = 0) -> SavedModel:
-    """A fused CNN (or logistic) model of the demo's plan, seeded, biases non-zero."""
-    _tables, fused = imaging_plans(["north", "south"], rounds=4, seed=seed)
-    plan = fused if kind == "cnn_fused" else _tables
-    columns = encoded_columns(plan.features)
-    image = (DEMO_IMAGING.depth, DEMO_IMAGING.size, DEMO_IMAGING.size) \
-        if kind == "cnn_fused" else None
-    spec = plan.model if kind == "cnn_fused" else ModelSpec("logistic")
-    layout = build_layout(spec, len(columns), image)
-    rng = np.random.default_rng(seed)
-    params = (init_params(layout, seed) + rng.normal(0, 0.1, layout.size)).astype(np.float32)
-    mean, scale = np.zeros(len(columns)), np.ones(len(columns))
-    for i in numeric_column_indices(plan.features):
-        mean[i], scale[i] = MEANS[columns[i]], 0.3 * MEANS[columns[i]]
-    norm = None
-    if image is not None:
-        voxels = math.prod(image)
-        norm = np.concatenate([np.full(voxels, 0.4), np.full(voxels, 0.2)]).astype(np.float32)
-        views = layout.views(params)
-        views[stack.dense_layers(layout)[-1][1]] -= 1.0  # keep p away from the ends
-    return SavedModel(layout=layout, params=params, columns=columns, mean=mean, scale=scale,
-                      plan=plan_to_toml_dict(plan), image_norm=norm)
+    """A seeded fused CNN (or logistic) model of the demo's plan, biases non-zero."""
+    return demo_model(kind, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -25,7 +24,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 
 from agent.errors import DataError, FedsiloError
-from agent.federation.broker import free_port
+from agent.federation.broker import free_port, wait_listening
 from agent.results.pacs import PacsError, PacsNode, send_sr
 from agent.results.reference import (
     REFERENCE_TAGS,
@@ -296,25 +295,13 @@ def test_model_result_refuses_a_probability_outside_0_1(p):
 # ---------------------------------------------------------------------------- send_sr
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, deadline_s: float = 10.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"storescp exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("storescp did not start listening")
-
-
 def _storescp(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, int, Path]:
     out = tmp_path / "pacs"
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(["storescp", "-od", str(out), "-aet", "PACS", *extra, str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_listening(port, proc)
+    wait_listening(port, proc, "storescp", 10)
     return proc, port, out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from tomli_w import dumps
 
 from agent.demo import ct
-from agent.federation.broker import LocalMosquitto, free_port
+from agent.federation.broker import LocalMosquitto, free_port, wait_listening
 from agent.federation.envelope import BodyKind, make_manifest
 from agent.learn import onnx_export as ox
 from agent.learn.distribution import save_received_model
@@ -33,18 +32,6 @@ NEEDS_DCMTK = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("storescu", "storescp", "dsrdump")),
     reason="dcmtk (storescu, storescp, dsrdump) not found")
 PATIENT = "SYN-00042"
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not start listening on {port}")
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -90,7 +77,7 @@ def test_storescu_to_agent_to_score_to_sr_to_storescp(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     procs = []
     try:
-        _wait_port(pacs_port, pacs, "storescp")
+        wait_listening(pacs_port, pacs, "storescp")
         with LocalMosquitto() as broker:
             cfg = tmp_path / "north.toml"
             cfg.write_text(dumps({
@@ -107,7 +94,7 @@ def test_storescu_to_agent_to_score_to_sr_to_storescp(tmp_path):
             }))
             log = tmp_path / "north.log"
             procs.append(start_site(cfg, log))
-            _wait_port(listen_port, procs[0], "the site's DICOM listener")
+            wait_listening(listen_port, procs[0], "the site's DICOM listener")
             sent = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "FEDSILO",
                                    "127.0.0.1", str(listen_port), *map(str, files)],
                                   capture_output=True, text=True, timeout=60)

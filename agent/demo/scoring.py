@@ -10,7 +10,6 @@ and sends a DICOM SR to the PACS (dcmtk's storescp). Everything is synthetic.
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
 import sys
 import time
@@ -22,27 +21,10 @@ from tomli_w import dumps as dumps_toml
 
 from agent.demo import cohort, ct
 from agent.demo.run import identity_table
+from agent.federation.broker import free_port, wait_listening
 
 CALLER = "DEMO_CT"
 TOOLS = ("storescu", "storescp", "dsrdump")
-
-
-def _free_port() -> int:
-    from agent.federation.broker import free_port
-
-    return free_port()
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
 def _new_patient(site_dir: Path, profile: cohort.SiteProfile, rng: np.random.Generator
@@ -81,7 +63,7 @@ def score_new_study(out: Path, site_dir: Path, index: int, profile: cohort.SiteP
     pacs_dir = out / "pacs"
     shutil.rmtree(pacs_dir, ignore_errors=True)
     pacs_dir.mkdir(parents=True)
-    pacs_port, listen_port = _free_port(), _free_port()
+    pacs_port, listen_port = free_port(), free_port()
     cfg = site_dir / "site-scoring.toml"
     cfg.write_text(dumps_toml({
         "site": {"id": profile.name, "federation": federation, "state_dir": "state"},
@@ -99,11 +81,11 @@ def score_new_study(out: Path, site_dir: Path, index: int, profile: cohort.SiteP
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     site = None
     try:
-        _wait_port(pacs_port, pacs, "storescp", 10)
+        wait_listening(pacs_port, pacs, "storescp", 10)
         with log_path.open("wb") as log:
             site = subprocess.Popen([sys.executable, "-m", "agent", "site", "run", "--config",
                                      str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(listen_port, site, f"{profile.name}'s DICOM listener", 60)
+        wait_listening(listen_port, site, f"{profile.name}'s DICOM listener", 60)
         sent = subprocess.run(["storescu", "-aet", CALLER, "-aec", "FEDSILO", "127.0.0.1",
                                str(listen_port), *map(str, files)], capture_output=True,
                               text=True, timeout=60)

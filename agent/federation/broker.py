@@ -35,6 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str,
+                   timeout_s: float = 30.0) -> None:
+    """Until a child we started accepts TCP on the loopback `port` (demo and tests: a site's
+    DICOM listener, dcmtk's storescp); RuntimeError when it exits first or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout_s:.0f} s")
+
+
 class LocalMosquitto:
     """Start/stop a Mosquitto on 127.0.0.1 with plain MQTT (demo and tests only), or with a
     config written elsewhere (`config`: e.g. `fedsilo broker-config`'s, listening on `port`)."""
