@@ -91,8 +91,8 @@ def verify_model(directory: Path, verifier: Verifier | None, *, allow_unsigned: 
 
     `report(check, detail)` is called after each check that passed (the CLI prints them).
     `check_onnx=False` stops after the signature (card then empty): the site checks what it
-    wrote on receipt without importing onnx (~15 MiB), which only scoring needs; whoever
-    uses the model verifies it whole first (the scorer, `fedsilo model verify`)."""
+    wrote on receipt without importing onnx (~15 MiB); the scorer then opens the file with
+    onnxruntime alone (which parses and checks it) and applies `check_card` to its card."""
     directory = Path(directory)
     if directory.is_file():  # the model file itself was named
         directory = directory.parent
@@ -137,15 +137,7 @@ def verify_model(directory: Path, verifier: Verifier | None, *, allow_unsigned: 
         return VerifiedModel(path=path, sha256=digest, card={}, signer=signer, signed=signed,
                              manifest=header)
     card = _onnx_card(path, raw)
-    if not card.get("params_sha256"):
-        raise DataError(f"{path}: the model card has no params_sha256 (not exported by "
-                        "fedsilo?)")
-    if card.get("federation") != header.get("federation"):
-        raise DataError(f"{path}: the card names federation {card.get('federation')!r}, the "
-                        f"manifest {header.get('federation')!r}")
-    run = header.get("meta", {}).get("run")
-    if "run" in card and run is not None and card["run"] != run:
-        raise DataError(f"{path}: the card names run {card['run']!r}, the manifest {run!r}")
+    check_card(path, card, header)
     say("onnx", f"valid ONNX model, card parameters {card['params_sha256'][:12]}")
     return VerifiedModel(path=path, sha256=digest, card=card, signer=signer, signed=signed,
                          manifest=header)
@@ -191,6 +183,20 @@ def _manifest(path: Path) -> dict[str, Any]:
     if not isinstance(header.get("meta", {}), dict):
         raise DataError(f"{path}: meta is not an object")
     return header
+
+
+def check_card(path: Path, card: dict[str, str], header: dict[str, Any]) -> None:
+    """The card must be fedsilo's and describe the federation and run its manifest names (a
+    validly signed model of another federation is still not this one's)."""
+    if not card.get("params_sha256"):
+        raise DataError(f"{path}: the model card has no params_sha256 (not exported by "
+                        "fedsilo?)")
+    if card.get("federation") != header.get("federation"):
+        raise DataError(f"{path}: the card names federation {card.get('federation')!r}, the "
+                        f"manifest {header.get('federation')!r}")
+    run = header.get("meta", {}).get("run")
+    if "run" in card and run is not None and card["run"] != run:
+        raise DataError(f"{path}: the card names run {card['run']!r}, the manifest {run!r}")
 
 
 def _onnx_card(path: Path, raw: bytes) -> dict[str, str]:

@@ -64,22 +64,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent import __version__
 from agent.config import FeatureSpec, plan_from_dict
-from agent.ingest.tables import MISSING_TOKENS, category_value, encoded_columns, numeric_value
+from agent.ingest.tables import MISSING_TOKENS, encoded_columns
 from agent.learn import stack
 from agent.learn.modelfile import SavedModel
+from agent.learn.onnx_io import ENCODED, INPUT_FEATURES, INPUT_IMAGE, OUTPUT, RAW, row_feeds
 from agent.learn.stack import FORWARD
 from agent.ops.atomic import write_bytes_atomic
 
+__all__ = ["ENCODED", "INPUT_FEATURES", "INPUT_IMAGE", "OUTPUT", "RAW", "row_feeds", "to_onnx",
+           "save_onnx", "load_onnx", "model_card", "build_model_card"]
+
 OPSET = 13
 IR_VERSION = 7
-INPUT_FEATURES = "features"
-INPUT_IMAGE = "image"
-OUTPUT = "probability"
 BATCH = "N"  # the symbolic batch dimension
 EXPORTABLE_KINDS = ("logistic", "mlp", "cnn_fused")  # the kinds built on agent.learn.stack
 CARD_VERSION = "1"
 ML_DOMAIN, ML_OPSET = "ai.onnx.ml", 2
-RAW, ENCODED = "raw", "encoded"  # the two clinical interfaces of to_onnx
 _MISSING_CODE, _UNKNOWN_CODE = -2, -3  # what the level lookup gives besides a level's index
 
 
@@ -361,32 +361,6 @@ def to_onnx(model: SavedModel, *, clinical: str = RAW, created: datetime | None 
     helper.set_model_props(onnx_model, card)
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
-
-
-def row_feeds(features: Sequence[FeatureSpec], rows: Sequence[Mapping[str, Any]]
-              ) -> dict[str, np.ndarray]:
-    """The RAW graph's clinical inputs for rows given as {feature: cell} (text as in a CSV, or
-    numbers), each cell read as training reads it. Every feature must be present (an empty
-    cell is a missing value); ValueError names the row and feature otherwise."""
-    feeds: dict[str, np.ndarray] = {}
-    for f in features:
-        values = []
-        for i, row in enumerate(rows):
-            if f.name not in row:
-                raise ValueError(f"row {i + 1}: no value for feature {f.name!r} (leave it empty "
-                                 f"for a missing value)")
-            cell = row[f.name]
-            if f.type == "categorical":
-                values.append(category_value(cell))
-                continue
-            try:
-                values.append(numeric_value(cell))
-            except ValueError as exc:
-                raise ValueError(f"row {i + 1}: feature {f.name!r}: {exc} value {cell!r}"
-                                 ) from None
-        feeds[f.name] = np.array(values, dtype=object if f.type == "categorical"
-                                 else np.float32).reshape(-1, 1)
-    return feeds
 
 
 def save_onnx(model: SavedModel, path: Path, *, clinical: str = RAW,

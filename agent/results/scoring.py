@@ -223,7 +223,7 @@ class SiteScorer:
 
     def _refresh_model(self, now: float) -> bool:
         """Load (verified) the model when its file appears or changes; False: none usable."""
-        from agent.learn.distribution import verify_model
+        from agent.learn.distribution import check_card, verify_model
         from agent.learn.onnx_runtime import load_exported
 
         path = self.model_dir / "model.onnx"
@@ -237,10 +237,11 @@ class SiteScorer:
         self._model_stat = stat
         try:
             verified = verify_model(self.model_dir, self.verifier,
-                                    allow_unsigned=self.verifier is None)
-            model = load_exported(path)
+                                    allow_unsigned=self.verifier is None, check_onnx=False)
+            model = load_exported(path)  # onnxruntime checks the graph; no onnx import
             if model.sha256 != verified.sha256:
                 raise DataError(f"{path}: changed while it was being verified")
+            check_card(path, model.card, verified.manifest)
         except DataError as exc:
             log.error("model not used for scoring: %s", exc)
             return self.model is not None
