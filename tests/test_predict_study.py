@@ -137,6 +137,11 @@ def test_bad_rows_and_arguments_are_named(exported, study):
     cnn, _ = exported["cnn_fused"]
     table_model, _ = exported["logistic"]
     folder, _ = study
+    garbage = folder.parent / "garbage.onnx"
+    garbage.write_bytes((table_model / "model.onnx").read_bytes()[:-100])  # truncated
+    encoded = folder.parent / "encoded.onnx"
+    r = fedsilo("model", "export", "--model", table_model, "--out", encoded, "--encoded-inputs")
+    assert r.returncode == 0 and "encoded clinical inputs" in r.stdout, r.stderr
     cases = [
         ((cnn, inline(ROW)), 2, "also reads the patient's CT series", "--study"),
         ((table_model, inline(ROW), "--study", folder), 2, "reads no image", "--study"),
@@ -147,6 +152,8 @@ def test_bad_rows_and_arguments_are_named(exported, study):
         ((table_model, inline({**ROW, "sex": "unknown-x"})), 1, "sex='unknown-x' is not one of",
          "cannot score"),
         ((cnn.parent, inline(ROW)), 2, "no model.onnx", "--model"),
+        ((garbage, inline(ROW)), 2, "not a valid ONNX model", "--model"),
+        ((encoded, inline(ROW)), 2, "scoring needs 'raw'", "--model"),
     ]
     for args, code, *needles in cases:
         model, clinical, *rest = args
