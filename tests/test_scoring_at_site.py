@@ -69,15 +69,17 @@ class Site:
         save_received_model(self.state / "model", header, body)
         return body
 
-    def arrive(self, pid: str, completed: float, seed: int) -> None:
-        """A study received (file by file, as the listener hands them over) and completed at
-        T0 + `completed` seconds."""
+    def arrive(self, pid: str, completed: float, seed: int, *also: str) -> None:
+        """Studies received (file by file, as the listener hands them over) of `pid` and the
+        patients in `also`, completed in one pass at T0 + `completed` seconds."""
         scanner = ct.scanner_for_site(0)
-        folder = self.tmp / f"study-{pid}"
-        hu = ct.head_phantom_hu(scanner, 10.0 + seed, np.random.default_rng(seed))
-        for path in ct.write_series(folder, pid, hu, scanner):
-            assert self.pipeline.ingest_file(path, source="listener").status == "stored"
-        assert len(self.pipeline.complete_series(quiet_s=0.0, now=T0 + completed)) == 1
+        for k, patient in enumerate((pid, *also)):
+            folder = self.tmp / f"study-{patient}"
+            hu = ct.head_phantom_hu(scanner, 10.0 + seed, np.random.default_rng(seed + k))
+            for path in ct.write_series(folder, patient, hu, scanner):
+                assert self.pipeline.ingest_file(path, source="listener").status == "stored"
+        done = self.pipeline.complete_series(quiet_s=0.0, now=T0 + completed)
+        assert len(done) == 1 + len(also)
 
     def close(self) -> None:
         self.scorer.close()
@@ -112,6 +114,21 @@ def test_only_series_after_the_model_are_scored_and_late_rows_are_picked_up(site
     extra = site.scorer.status_extra()
     assert extra == {"scored_series": 1, "scoring_model": site.scorer.model.version}
     _check_status_keys(extra)
+
+
+def test_series_completed_in_one_pass_are_paged_through_each_once(site, monkeypatch):
+    """A completion pass stamps a whole batch with one time: paging must not stop at (or loop
+    on) a page full of equal timestamps."""
+    monkeypatch.setattr("agent.results.scoring.PAGE", 2)
+    site.place_model()
+    site.scorer.poll(now=T0 + 2000.0)
+    pids = [f"SYN-B{k}" for k in range(5)]
+    _table(site.table, {pid: ROW for pid in pids})
+    site.arrive(pids[0], 3000.0, 7, *pids[1:])
+    site.scorer.poll(now=T0 + 3001.0)
+    scores = site.scorer.book.all()
+    assert len(scores) == 5 and {s.status for s in scores} == {SCORED}
+    assert len({s.series for s in scores}) == 5
 
 
 def test_a_row_the_table_reader_skips_is_recorded_not_guessed(site):

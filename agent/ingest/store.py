@@ -434,14 +434,16 @@ class ImageStore:
         """Where a complete series' preprocessed array is (or will be) saved."""
         return self.series_dir / f"{series}.npy"
 
-    def completed_since(self, since: float, imaging: ImagingSpec, limit: int = 1000
-                        ) -> list[tuple[str, str, str, Path, float]]:
+    def completed_since(self, since: float, imaging: ImagingSpec, *, after: str = "",
+                        limit: int = 500) -> list[tuple[str, str, str, Path, float]]:
         """(series, study, patient, array, completed) of series completed on `imaging`'s grid
-        at or after `since`, oldest first: what the site's scorer has not seen yet."""
+        from `since` on, in (completed, series) order, starting after the series `after` of
+        that same moment: one page of what the site's scorer may not have seen yet (a
+        completion pass stamps a whole batch with one time, hence the second key)."""
         rows = self._query("SELECT series, study, patient, array_file, completed FROM series "
-                           "WHERE status = ? AND grid = ? AND completed >= ? "
-                           "ORDER BY completed, series LIMIT ?",
-                           (COMPLETE, grid_label(imaging), since, limit))
+                           "WHERE status = ? AND grid = ? AND (completed > ? OR "
+                           "(completed = ? AND series > ?)) ORDER BY completed, series LIMIT ?",
+                           (COMPLETE, grid_label(imaging), since, since, after, limit))
         return [(se, st, pa, self.series_dir / name, float(done))
                 for se, st, pa, name, done in rows]
 

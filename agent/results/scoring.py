@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SCORED, NO_ROW, UNSCORABLE, BAD_IMAGE = "scored", "no_clinical_row", "unscorable", "bad_image"
 SR_PENDING, SR_SENT, SR_FAILED, SR_NO_REFERENCE = "pending", "sent", "failed", "no_reference"
+PAGE = 200  # series asked of the store at a time
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -184,7 +185,7 @@ class SiteScorer:
             self.pacs = results.pacs
         self.model: Any = None  # agent.learn.onnx_runtime.ExportedModel
         self._model_stat: tuple[int, int] | None = None
-        self._since = 0.0
+        self._cursor: tuple[float, str] = (0.0, "")  # (completed, series) last looked at
         self._rows: dict[str, dict[str, Any]] = {}
         self._table_stat: tuple[int, int] | None = None
         self._refused: set[str] = set()
@@ -251,11 +252,12 @@ class SiteScorer:
             self.model = None
             return False
         self.model = model
-        self._since = self.book.since(model.sha256, now)
+        since = self.book.since(model.sha256, now)
+        self._cursor = (since, "")
         self._table_stat = None  # the new model may read other features
         self.set_imaging(model.imaging)
         log.info("scoring series completed from %s on with model %s (%s, federation %s)",
-                 datetime.fromtimestamp(self._since, timezone.utc).isoformat(timespec="seconds"),
+                 datetime.fromtimestamp(since, timezone.utc).isoformat(timespec="seconds"),
                  model.version, model.card["model_kind"], model.card["federation"])
         return True
 
@@ -284,12 +286,19 @@ class SiteScorer:
         return True
 
     def _score_new(self) -> None:
+        """Page through the series completed since the cursor (first the model's watermark,
+        then the last series seen): each is scored once per model, after a restart too."""
         model = self.model
-        found = self.store.completed_since(self._since, model.imaging)
-        known = self.book.known(model.sha256, [f[0] for f in found])
-        for series, study, patient, array, completed in found:
-            if series not in known:
-                self._score(series, study, patient, array, completed)
+        while True:
+            found = self.store.completed_since(self._cursor[0], model.imaging,
+                                               after=self._cursor[1], limit=PAGE)
+            known = self.book.known(model.sha256, [f[0] for f in found])
+            for series, study, patient, array, completed in found:
+                if series not in known:
+                    self._score(series, study, patient, array, completed)
+                self._cursor = (completed, series)
+            if len(found) < PAGE:
+                return
 
     def _retry_waiting(self) -> None:
         for series, study, patient, completed in self.book.waiting(self.model.sha256):
