@@ -26,6 +26,7 @@ from agent.results.scoring import (
     NO_ROW,
     SCORED,
     SR_FAILED,
+    SR_PENDING,
     SR_SENT,
     SiteScorer,
 )
@@ -162,12 +163,15 @@ def test_pacs_down_then_back(tmp_path):
     try:
         site.place_model()
         site.scorer.poll(now=T0 + 2000.0)
-        _table(site.table, {"SYN-P": ROW})
-        site.arrive("SYN-P", completed=3000.0, seed=5)
+        _table(site.table, {"SYN-P": ROW, "SYN-Q": ROW})
+        site.arrive("SYN-P", 3000.0, 5, "SYN-Q")
         site.scorer.poll(now=T0 + 3001.0)
-        (s,) = site.scorer.book.all()
+        s, q = site.scorer.book.all()
         assert s.status == SCORED and s.sr_status == SR_FAILED and "could not connect" in s.detail
-        assert site.scorer.references.pending() == [s.series]  # kept for the retry
+        # after one failure the PACS is not tried again in the same poll (each try may wait
+        # out its timeout on the ingest thread): the second result stays pending
+        assert q.status == SCORED and q.sr_status == SR_PENDING and q.sr_uid is None
+        assert sorted(site.scorer.references.pending()) == sorted([s.series, q.series])
         first_uid = s.sr_uid
         out = tmp_path / "pacs"
         out.mkdir()
@@ -177,19 +181,20 @@ def test_pacs_down_then_back(tmp_path):
         try:
             time.sleep(0.5)
             site.scorer.pacs = PacsNode("PACS", "127.0.0.1", port, timeout_s=5.0)
-            site.scorer.poll(now=time.time() + 1.0)  # before retry_s: not yet
-            assert site.scorer.book.all()[0].sr_status == SR_FAILED
-            site.scorer.poll(now=time.time() + 61.0)
+            site.scorer.poll(now=time.time() + 1.0)  # the pending one goes; the failed waits
+            assert [x.sr_status for x in site.scorer.book.all()] == [SR_FAILED, SR_SENT]
+            site.scorer.poll(now=time.time() + 61.0)  # after retry_s: resent
         finally:
             pacs.kill()
             pacs.wait(10)
-        (s,) = site.scorer.book.all()
-        assert s.sr_status == SR_SENT and s.sr_uid == first_uid  # the same instance, resent
-        (received,) = out.iterdir()
-        assert first_uid in received.name
+        s, q = site.scorer.book.all()
+        assert s.sr_status == q.sr_status == SR_SENT
+        assert s.sr_uid == first_uid  # the same instance, resent
+        assert sorted(f.name for f in out.iterdir()) == sorted(f"SRc.{u}" for u in
+                                                                (s.sr_uid, q.sr_uid))
         assert site.scorer.references.pending() == []
         extra = site.scorer.status_extra()
-        assert (extra["results_sent"], extra["results_failed"]) == (1, 0)
+        assert (extra["results_sent"], extra["results_failed"]) == (2, 0)
         _check_status_keys(extra)
     finally:
         site.close()

@@ -370,7 +370,9 @@ class SiteScorer:
                                  detail=str(exc)[:300])
                 log.warning("series %s: result SR not stored: %s; trying again in %.0f s",
                             s.series[:8], exc, self.results.retry_s)
-                continue
+                # The PACS is down or refusing: the others would each wait out the same
+                # timeout on the ingest thread. They stay due for the next poll.
+                return
             self.book.set_sr(s.series, model.sha256, SR_SENT, sr_uid=ds.SOPInstanceUID)
             self.references.drop(s.series)
             log.info("series %s: result SR sent to %s", s.series[:8], self.pacs)
