@@ -4,7 +4,6 @@ windowed images), gives the project's own forward pass on standardised inputs.""
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime, timezone
 
 import numpy as np
@@ -22,11 +21,10 @@ from agent.config import (
     StrategySpec,
     plan_to_toml_dict,
 )
+from agent.demo.models import seeded_model
 from agent.federation.coordinator import plan_digest
 from agent.ingest.tables import encoded_columns, numeric_column_indices
 from agent.learn import onnx_export as ox
-from agent.learn import stack
-from agent.learn.layout import build_layout, init_params
 from agent.learn.modelfile import SavedModel, load_model, save_model
 from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
@@ -63,33 +61,11 @@ def make_plan(spec: ModelSpec, privacy: PrivacySpec | None = None) -> Plan:
 
 def make_saved(spec: ModelSpec, seed: int = 0, privacy: PrivacySpec | None = None
                ) -> tuple[SavedModel, Plan]:
-    """A SavedModel built directly: seeded init plus a seeded perturbation (biases non-zero)."""
+    """A SavedModel built directly: seeded init plus a seeded perturbation (biases non-zero),
+    the logits centred (a random conv stack's pooled ReLU features push every probability to
+    one end, and parity on saturated probabilities would prove little)."""
     plan = make_plan(spec, privacy)
-    columns = encoded_columns(FEATURES)
-    image = (IMAGING.depth, IMAGING.size, IMAGING.size) if spec.conv_channels else None
-    layout = build_layout(spec, len(columns), image)
-    rng = np.random.default_rng(100 + seed)
-    params = (init_params(layout, seed)
-              + rng.normal(0.0, 0.1, layout.size)).astype(np.float32)
-    mean, scale = np.zeros(len(columns)), np.ones(len(columns))
-    for i in numeric_column_indices(FEATURES):
-        mean[i], scale[i] = MEANS[columns[i]], SCALES[columns[i]]
-    norm = None
-    if image is not None:
-        voxels = math.prod(image)
-        norm = np.concatenate([rng.uniform(0.2, 0.6, voxels),
-                               rng.uniform(0.05, 0.3, voxels)]).astype(np.float32)
-    saved = SavedModel(layout=layout, params=params, columns=columns, mean=mean, scale=scale,
-                       plan=plan_to_toml_dict(plan), image_norm=norm)
-    # Centre the logits (shift the output bias by their median on a calibration batch): a
-    # random conv stack's pooled ReLU features push every probability to one end, and parity
-    # on saturated probabilities would prove little.
-    p = project_proba(saved, encoded_rows(32, 900 + seed),
-                      raw_images(saved, 32, 800 + seed) if image is not None else None)
-    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-    last_bias = layout.views(params)[stack.dense_layers(layout)[-1][1]]
-    last_bias -= np.float32(np.median(np.log(p) - np.log1p(-p)))
-    return saved, plan
+    return seeded_model(plan, MEANS, SCALES, seed=seed), plan
 
 
 def encoded_rows(n: int, seed: int) -> np.ndarray:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from types import ModuleType
 
 import numpy as np
 
-from agent.config import ModelSpec, plan_from_dict, plan_to_toml_dict
-from agent.demo.imaging import DEMO_IMAGING, imaging_plans
+from agent.config import ModelSpec, Plan, plan_from_dict, plan_to_toml_dict
+from agent.demo.imaging import imaging_plans
 from agent.ingest.tables import encoded_columns, numeric_column_indices
 from agent.learn import stack
 from agent.learn.layout import build_layout, init_params
@@ -34,16 +35,28 @@ def demo_model(kind: str = "cnn_fused", *, hidden: tuple[int, ...] = (), seed: i
     """`logistic`, `mlp` (with `hidden`) on the demo's tables, or the demo's `cnn_fused` on
     tables + CT; centred with the kernel `backend` (default: the numpy reference)."""
     tables, fused = imaging_plans(["north", "south"], rounds=4, seed=seed)
-    imaging = kind == "cnn_fused"
-    plan = fused if imaging else dataclasses.replace(tables, model=ModelSpec(kind, hidden))
+    plan = fused if kind == "cnn_fused" else dataclasses.replace(
+        tables, model=ModelSpec(kind, hidden))
+    return seeded_model(plan, MEANS, seed=seed, backend=backend)
+
+
+def seeded_model(plan: Plan, means: Mapping[str, float],
+                 scales: Mapping[str, float] | None = None, *, seed: int = 0,
+                 backend: ModuleType | None = None) -> SavedModel:
+    """A model of any plan: its numeric features standardised with `means` and `scales`
+    (default 0.3 x the mean), the image statistics (imaging plans) drawn around a plausible
+    head, the output bias centred on a calibration batch."""
     columns = encoded_columns(plan.features)
-    image = (DEMO_IMAGING.depth, DEMO_IMAGING.size, DEMO_IMAGING.size) if imaging else None
+    img = plan.imaging
+    image = (img.depth, img.size, img.size) if plan.model.conv_channels and img else None
     layout = build_layout(plan.model, len(columns), image)
     rng = np.random.default_rng(100 + seed)
     params = (init_params(layout, seed) + rng.normal(0.0, 0.1, layout.size)).astype(np.float32)
     mean, scale = np.zeros(len(columns)), np.ones(len(columns))
     for i in numeric_column_indices(plan.features):
-        mean[i], scale[i] = MEANS[columns[i]], 0.3 * MEANS[columns[i]]
+        name = columns[i]
+        mean[i] = means[name]
+        scale[i] = scales[name] if scales is not None else 0.3 * means[name]
     norm = None
     if image is not None:
         voxels = math.prod(image)
@@ -54,7 +67,7 @@ def demo_model(kind: str = "cnn_fused", *, hidden: tuple[int, ...] = (), seed: i
     if backend is None:
         import kernels.reference as backend
     p = project_proba(saved, backend, encoded_rows(saved, 16, 900 + seed),
-                      grid_images(saved, 16, 800 + seed) if imaging else None)
+                      grid_images(saved, 16, 800 + seed) if image else None)
     p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
     layout.views(params)[stack.dense_layers(layout)[-1][1]] -= np.float32(
         np.median(np.log(p) - np.log1p(-p)))
