@@ -185,7 +185,12 @@ class DicomListener:
             for assoc in live:
                 if assoc.is_established and not assoc.is_aborted:
                     assoc.abort()
-            if not live or time.monotonic() > deadline:
+            # Only transfers are waited for (aborted just now, their handler may still run).
+            # A connection that never asked for an association (a TCP health check or port
+            # probe) idles in pynetdicom's network timer and would delay every stop by
+            # STOP_WAIT_S; released and rejected ones have nothing left to write either.
+            busy = [a for a in live if a.is_established or a.is_aborted]
+            if not busy or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
         log.info("DICOM listener %s stopped", self.config.ae_title)
