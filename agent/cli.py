@@ -167,8 +167,11 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
     conf = write_broker_config(PKI(Path(args.pki)), load_roster(Path(args.roster)), args.port,
                                Path(args.out), bind=args.bind,
                                hosts=tuple(args.host or ("localhost", "127.0.0.1")),
-                               monitor_listener=monitor)
+                               monitor_listener=monitor, websockets_port=args.websockets_port)
     print(f"{conf}: run it with `mosquitto -c {conf}`")
+    if args.websockets_port:
+        print(f"MQTT over secure WebSockets on port {args.websockets_port} (all interfaces; "
+              f"sites: [broker] transport = \"websockets\")")
     if monitor:
         print(f"plaintext monitor listener {args.monitor_listener}: user monitor, password in "
               f"{Path(args.out) / 'monitor.password'}")
@@ -514,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--monitor-listener", metavar="ADDRESS:PORT",
                     help="also a read-only plaintext listener for monitoring agents without "
                          "client certificates (user monitor; default off; docs/monitoring.md)")
+    bc.add_argument("--websockets-port", type=int, metavar="PORT",
+                    help="also MQTT over secure WebSockets on PORT (e.g. 443), same certificates "
+                         "and ACL, for sites behind HTTPS-only proxies")
     bc.set_defaults(func=_cmd_broker_config)
 
     st = sub.add_parser("status", help="every site and coordinator from the broker's retained "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the system tools the demo and the integration tests use are present: Mosquitto (the
 # MQTT broker), dcmtk (storescu/storescp, the real DICOM peers), systemd-analyze (the unit
-# checks), chromium (the report's rendering test), strace (the store's sync test) and
-# zabbix-agent2 (the monitoring snippet's test runs the agent Debian ships). Installs the Debian
+# checks), chromium (the report's rendering test), strace (the store's sync test),
+# zabbix-agent2 (the monitoring snippet's test runs the agent Debian ships) and tinyproxy (an
+# HTTP CONNECT proxy like a hospital's, for the MQTT-over-proxy test). Installs the Debian
 # packages when missing and running as root; otherwise says exactly what to install.
 set -euo pipefail
 missing=()
@@ -33,6 +34,9 @@ fi
 if ! command -v zabbix_agent2 >/dev/null 2>&1 && [ ! -x /usr/sbin/zabbix_agent2 ]; then
     missing+=(zabbix-agent2)  # docs/monitoring.md's Zabbix snippet is tested against it
 fi
+if ! command -v tinyproxy >/dev/null 2>&1; then
+    missing+=(tinyproxy)  # the hospital HTTP proxy stand-in of the MQTT-over-proxy test
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian packages: ${missing[*]} ..."
@@ -42,6 +46,9 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     if [[ " ${missing[*]} " == *" zabbix-agent2 "* ]] && command -v systemctl >/dev/null 2>&1; then
         # the test runs its own agent; the package's system service is not wanted here
         systemctl disable --now zabbix-agent2.service >/dev/null 2>&1 || true
+    fi
+    if [[ " ${missing[*]} " == *" tinyproxy "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now tinyproxy.service >/dev/null 2>&1 || true  # tests run their own
     fi
     exit 0
 fi

@@ -19,6 +19,7 @@ from agent.config.checks import (
 from agent.ops.throttle import TrainingPolicy, parse_hours
 
 MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
+MQTT_TRANSPORTS = ("tcp", "websockets")
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,36 @@ class IdentityFiles:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """[broker.proxy]: an HTTP CONNECT proxy between the site and the broker (hospital
+    networks often allow nothing else out). Credentials come from a file, never the config."""
+
+    host: str
+    port: int = 3128
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     keepalive_s: int = 30
     protocol: str = "auto"
     tls: TLSFiles | None = None
+    transport: str = "tcp"  # or "websockets" (wss with [broker.tls]): MQTT over port 443
+    ws_path: str = "/mqtt"
+    proxy: ProxyConfig | None = None
+
+    @property
+    def scheme(self) -> str:
+        """How the broker is reached, for people: mqtt, mqtts, ws or wss."""
+        secure = self.tls is not None
+        return ("wss" if secure else "ws") if self.transport == "websockets" else \
+            ("mqtts" if secure else "mqtt")
 
 
 @dataclass(frozen=True)
@@ -147,19 +172,81 @@ class CoordinatorConfig:
 def _broker(file: str, r: _Reader | None, base: Path) -> BrokerConfig:
     if r is None:
         return BrokerConfig()
-    r.reject_unknown({"host", "port", "keepalive_s", "protocol", "tls"})
+    r.reject_unknown({"host", "port", "keepalive_s", "protocol", "tls", "transport", "ws_path",
+                      "proxy"})
     tls = None
     t = r.sub("tls")
     if t is not None:
         t.reject_unknown({"ca", "cert", "key"})
         tls = TLSFiles(**_files(t, ("ca", "cert", "key"), base))
+    transport = r.choice("transport", MQTT_TRANSPORTS, "tcp")
+    ws_path = r.get("ws_path", str, "/mqtt")
+    if not ws_path.startswith("/") or not ws_path.isprintable() or " " in ws_path:
+        raise r.fail("ws_path", f"{ws_path!r} must be a URL path starting with /")
+    host = r.get("host", str, "127.0.0.1")
     return BrokerConfig(
-        host=r.get("host", str, "127.0.0.1"),
-        port=r.number("port", 1883, lo=1, hi=65535, integer=True),
+        host=host,
+        port=r.number("port", 443 if transport == "websockets" else 1883, lo=1, hi=65535,
+                      integer=True),
         keepalive_s=r.number("keepalive_s", 30, lo=5, hi=60, integer=True),
         protocol=r.choice("protocol", MQTT_PROTOCOLS, "auto"),
-        tls=tls,
+        tls=tls, transport=transport, ws_path=ws_path,
+        proxy=_proxy(r.sub("proxy"), base, host),
     )
+
+
+def _proxy(r: _Reader | None, base: Path, broker_host: str) -> ProxyConfig | None:
+    """[broker.proxy]: host/port, or from_env = true for HTTPS_PROXY (and NO_PROXY)."""
+    if r is None:
+        return None
+    r.reject_unknown({"host", "port", "auth_file", "from_env"})
+    user = password = None
+    auth = r.get("auth_file", str, None)
+    if auth is not None:
+        path = _path(base, auth)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise r.fail("auth_file", f"{path}: cannot be read ({exc})") from None
+        user, sep, password = text.partition(":")
+        if not sep or not user or "\n" in text:
+            raise r.fail("auth_file", f"{path}: must hold one line user:password")
+    if r.get("from_env", bool, False):
+        if "host" in r.table or "port" in r.table:
+            raise r.fail("from_env", "give host and port, or from_env = true, not both")
+        try:
+            found = proxy_from_env(broker_host)
+        except ValueError as exc:
+            raise r.fail("from_env", str(exc)) from None
+        if found is None:
+            return None  # NO_PROXY names the broker, or no HTTPS_PROXY is set: direct
+        host, port, env_user, env_password = found
+        return ProxyConfig(host, port, user or env_user, password or env_password)
+    return ProxyConfig(r.get("host", str, required=True),
+                       r.number("port", 3128, lo=1, hi=65535, integer=True), user, password)
+
+
+def proxy_from_env(broker_host: str, environ: dict[str, str] | None = None
+                   ) -> tuple[str, int, str | None, str | None] | None:
+    """HTTPS_PROXY (or https_proxy) as (host, port, user, password), unless NO_PROXY (or
+    no_proxy) names the broker host, a domain suffix of it, or "*"."""
+    import os
+    from urllib.parse import unquote, urlsplit
+
+    env = os.environ if environ is None else environ
+    value = env.get("HTTPS_PROXY") or env.get("https_proxy")
+    if not value:
+        return None
+    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""
+    host = broker_host.lower().rstrip(".")
+    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    url = urlsplit(value if "://" in value else f"http://{value}")
+    if not url.hostname:
+        raise ValueError(f"HTTPS_PROXY {value!r} names no host")
+    return (url.hostname, url.port or 3128, unquote(url.username) if url.username else None,
+            unquote(url.password) if url.password else None)
 
 
 def _files(r: _Reader, names: tuple[str, ...], base: Path, required: bool = True

@@ -78,11 +78,12 @@ def _disable_nagle(client: mqtt.Client) -> None:
     """paho leaves Nagle's algorithm on; with delayed ACKs that costs ~40 ms per small
     request/acknowledge exchange, which dominated our round overhead."""
     sock = client.socket()
+    sock = getattr(sock, "_socket", sock)  # websockets: paho wraps the (TLS) socket
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not a TCP socket (unix socket, websockets): nothing to tune
+        except (OSError, AttributeError):
+            pass  # not a TCP socket (unix socket): nothing to tune
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,20 @@ class Transport:
     def _make_client(self, v5: bool) -> mqtt.Client:
         kwargs = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2,
                   "client_id": self.client_id}
+        kwargs["transport"] = self.broker.transport  # "tcp" or "websockets"
         if v5:
             c = mqtt.Client(protocol=mqtt.MQTTv5, manual_ack=True, **kwargs)
         else:
             c = mqtt.Client(protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True,
                             **kwargs)
+        if self.broker.transport == "websockets":
+            c.ws_set_options(path=self.broker.ws_path)
+        proxy = self.broker.proxy
+        if proxy is not None:  # HTTP CONNECT (PySocks), under TLS and websockets alike
+            import socks
+
+            c.proxy_set(proxy_type=socks.HTTP, proxy_addr=proxy.host, proxy_port=proxy.port,
+                        proxy_username=proxy.username, proxy_password=proxy.password)
         if self.broker.tls is not None:
             c.tls_set(ca_certs=str(self.broker.tls.ca), certfile=str(self.broker.tls.cert),
                       keyfile=str(self.broker.tls.key), cert_reqs=ssl.CERT_REQUIRED,
@@ -243,8 +253,7 @@ class Transport:
             try:
                 self._socket_connect(v5)
             except OSError as exc:  # refused, unreachable, TLS handshake (ssl.SSLError)
-                raise BrokerError(f"cannot reach MQTT broker {self.broker.host}:"
-                                  f"{self.broker.port}: {exc.strerror or exc}") from None
+                raise BrokerError(self._unreachable(exc)) from None
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and not self._connected.is_set():
                 if stop is not None and stop.is_set():
@@ -266,6 +275,21 @@ class Transport:
         error = BrokerRefused if self._terminal else BrokerError
         raise error(f"MQTT broker {self.broker.host}:{self.broker.port} refused "
                     f"{self.client_id}: {last_error}")
+
+    def _unreachable(self, exc: OSError) -> str:
+        """Why the broker cannot be reached, naming the proxy when it was the one that said no
+        (PySocks' errors are OSErrors: "Socket error: 407: Proxy Authentication Required")."""
+        scheme = self.broker.scheme
+        where = f"{self.broker.host}:{self.broker.port}" + (f" ({scheme})" if scheme != "mqtt"
+                                                            else "")
+        proxy = self.broker.proxy
+        if proxy is not None and type(exc).__module__ == "socks":
+            reason = str(exc).removeprefix("Socket error: ").strip() or type(exc).__name__
+            hint = (" (the proxy wants other credentials: check [broker.proxy] auth_file)"
+                    if reason[:3] in ("401", "407") else "")
+            return f"proxy {proxy} did not open a tunnel to {where}: {reason}{hint}"
+        via = f" via proxy {proxy}" if proxy is not None else ""
+        return f"cannot reach MQTT broker {where}{via}: {exc.strerror or exc}"
 
     def _socket_connect(self, v5: bool) -> None:
         assert self._client is not None
@@ -291,6 +315,7 @@ class Transport:
         """
         if not self._closing:
             return
+        sock = getattr(sock, "_socket", sock)  # websockets: paho wraps the (TLS) socket
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + DRAIN_S
@@ -302,7 +327,7 @@ class Transport:
                         break  # the broker closed: it has read DISCONNECT
                 except BlockingIOError:
                     continue
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass  # already gone: nothing left to protect
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

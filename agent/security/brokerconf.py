@@ -154,11 +154,32 @@ def config_text(out: Path, port: int, bind: str) -> str:
     ]) + "\n"
 
 
+def websockets_listener_text(out: Path, port: int) -> str:
+    """MQTT over secure WebSockets (wss) for sites behind proxies that pass only HTTPS: the
+    same CA, certificate, CRL and identity rules as the TLS listener. Mosquitto's libwebsockets
+    listener binds every interface (it cannot take an address) and, in 2.0.x, never alone,
+    hence always beside the TLS listener."""
+    out = out.resolve()
+    return "\n".join([
+        f"listener {port}",
+        "protocol websockets",
+        f"cafile {out}/ca.crt",
+        f"certfile {out}/broker.crt",
+        f"keyfile {out}/broker.key",
+        f"crlfile {out}/crl.pem",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "tls_version tlsv1.2",
+    ]) + "\n"
+
+
 def write_broker_config(pki: PKI, roster: Roster, port: int, out: Path, *,
                         bind: str = "0.0.0.0", hosts: tuple[str, ...] = ("localhost",
                                                                           "127.0.0.1"),
                         broker_user: str = "mosquitto",
-                        monitor_listener: tuple[str, int] | None = None) -> Path:
+                        monitor_listener: tuple[str, int] | None = None,
+                        websockets_port: int | None = None) -> Path:
     """Write DIR/mosquitto.conf, DIR/acl, the broker's certificate and key (issued from the
     CA for `hosts`), the CA certificate and the current CRL; returns the config's path.
     With `monitor_listener` (address, port) also the plaintext monitor listener, its password
@@ -170,6 +191,10 @@ def write_broker_config(pki: PKI, roster: Roster, port: int, out: Path, *,
     0600). The directories above DIR must let that user through."""
     if not 1 <= port <= 65535:
         raise ConfigError("fedsilo broker-config", "--port", f"{port} is not a TCP port")
+    if websockets_port is not None and (not 1 <= websockets_port <= 65535
+                                        or websockets_port == port):
+        raise ConfigError("fedsilo broker-config", "--websockets-port",
+                          f"{websockets_port}: a TCP port other than the TLS listener's")
     if pki.federation is not None and pki.federation != roster.federation:
         raise ConfigError("fedsilo broker-config", "--roster",
                           f"federation {roster.federation!r}, but the CA is for "
@@ -185,6 +210,8 @@ def write_broker_config(pki: PKI, roster: Roster, port: int, out: Path, *,
     (out / "acl").write_text(acl_text(roster))
     conf = out / "mosquitto.conf"
     text = config_text(out, port, bind)
+    if websockets_port is not None:
+        text += websockets_listener_text(out, websockets_port)
     handed = [out, out / "data", out / "mosquitto.log", out / "broker.key"]
     if monitor_listener is not None:
         text += monitor_listener_text(out, *monitor_listener)

@@ -1,0 +1,133 @@
+"""Hospital networks: sites that may only go out through the hospital's HTTP proxy reach the
+broker as MQTT over secure WebSockets through a real CONNECT proxy (tinyproxy, with basic
+auth), mutual TLS unchanged; a proxy that refuses is named in the site's log."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from tomli_w import dumps
+
+from agent.config.site import TLSFiles, proxy_from_env
+from agent.federation.broker import LocalMosquitto, find_mosquitto, free_port, wait_listening
+from agent.security.brokerconf import Roster, write_broker_config
+from agent.security.pki import PKI
+from tests.fedharness import CoordinatorThread, breast_cancer_sites, start_site, stop_all
+from tests.test_federation import FED, plan_for
+
+pytestmark = pytest.mark.integration
+NAMES = ["north", "south"]
+NEEDS_TINYPROXY = pytest.mark.skipif(shutil.which("tinyproxy") is None,
+                                     reason="tinyproxy not found (make system-deps installs it)")
+
+
+@pytest.fixture(scope="module")
+def network():
+    """The generated broker with its TLS and wss listeners, and tinyproxy in front of the wss
+    one only (ConnectPort), with basic auth: (pki, tls port, wss port, proxy port, dir)."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto missing: `make test` installs it")
+    tmp = Path(tempfile.mkdtemp(prefix="fedsilo-net-"))
+    os.chmod(tmp, 0o755)  # the broker's own user must get through to its directory
+    pki = PKI.init(tmp / "pki", FED)
+    for name in (*NAMES, "coordinator"):
+        pki.issue("site" if name != "coordinator" else "coordinator", name)
+    tls_port, wss_port, proxy_port = free_port(), free_port(), free_port()
+    conf = write_broker_config(pki, Roster(FED, tuple(NAMES)), tls_port, tmp / "broker",
+                               bind="127.0.0.1", websockets_port=wss_port)
+    broker = LocalMosquitto(workdir=tmp / "broker", port=tls_port, config=conf).start()
+    (tmp / "tinyproxy.conf").write_text(
+        f"Port {proxy_port}\nListen 127.0.0.1\nTimeout 600\nAllow 127.0.0.1\n"
+        f"ConnectPort {wss_port}\nBasicAuth hospital s3cret\nLogLevel Connect\n")
+    proxy = subprocess.Popen(["tinyproxy", "-d", "-c", str(tmp / "tinyproxy.conf")],
+                             stdout=(tmp / "tinyproxy.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_listening(proxy_port, proxy, "tinyproxy", 10)
+        yield pki, tls_port, wss_port, proxy_port, tmp
+    finally:
+        proxy.kill()
+        proxy.wait(10)
+        broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _site_config(tmp: Path, pki: PKI, name: str, wss_port: int, proxy_port: int, table: Path,
+                 credentials: str) -> Path:
+    auth = tmp / f"{name}-proxy.auth"
+    auth.write_text(credentials + "\n")
+    auth.chmod(0o600)
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(dumps({
+        "site": {"id": name, "federation": FED, "state_dir": str(tmp / name)},
+        "broker": {"host": "127.0.0.1", "port": wss_port, "transport": "websockets",
+                   "tls": {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
+                           "key": str(pki.dir / f"{name}.key")},
+                   "proxy": {"host": "127.0.0.1", "port": proxy_port, "auth_file": str(auth)}},
+        "data": {"table": str(table), "holdout_fraction": 0.2},
+    }))
+    return cfg
+
+
+@NEEDS_TINYPROXY
+def test_a_federation_over_wss_through_the_hospital_proxy(network, tmp_path):
+    pki, tls_port, wss_port, proxy_port, net = network
+    tables, _test, features = breast_cancer_sites(tmp_path / "data")
+    procs = [start_site(_site_config(tmp_path, pki, name, wss_port, proxy_port, table,
+                                     "hospital:s3cret"), tmp_path / f"{name}.log")
+             for name, table in zip(NAMES, tables[:2], strict=True)]
+    coord = CoordinatorThread(  # the coordinator, in its own network, talks TLS directly
+        plan_for(features, NAMES, rounds=2), tls_port, tmp_path / "coord",
+        tls=TLSFiles(ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
+                     key=pki.dir / "coordinator.key")).start()
+    final = coord.join(timeout=120)
+    assert stop_all(procs) == [0, 0]
+    assert final["sites"] == NAMES
+    proxy_log = (net / "tinyproxy.log").read_text()
+    assert proxy_log.count(f"127.0.0.1:{wss_port}") >= len(NAMES)  # both tunnelled through it
+    for name in NAMES:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "Traceback" not in log and f"connected to 127.0.0.1:{wss_port}" in log
+
+
+@NEEDS_TINYPROXY
+def test_a_proxy_that_refuses_is_named(network, tmp_path):
+    pki, _tls, wss_port, proxy_port, _net = network
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    log = tmp_path / "north.log"
+    proc = start_site(_site_config(tmp_path, pki, "north", wss_port, proxy_port, tables[0],
+                                   "hospital:wrong"), log)
+    try:
+        deadline = time.monotonic() + 30
+        # tinyproxy answers a bad BasicAuth with 401 (a proxy without credentials: 407)
+        needle = re.compile(
+            rf"proxy 127\.0\.0\.1:{proxy_port} did not open a tunnel to 127\.0\.0\.1:"
+            rf"{wss_port} \(wss\): 40[17]: [A-Za-z ]+ \(the proxy wants other credentials: "
+            rf"check \[broker\.proxy\] auth_file\)")
+        while not needle.search(log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert needle.search(log.read_text()), log.read_text()[-2000:]
+        assert proc.poll() is None  # it keeps trying, as for any unreachable broker
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "s3cret" not in log.read_text() and "wrong" not in log.read_text()
+
+
+def test_https_proxy_and_no_proxy_from_the_environment():
+    env = {"HTTPS_PROXY": "http://it%40hosp:p%3Ass@proxy.hospital.example:8080",
+           "NO_PROXY": "localhost,.internal.example"}
+    assert proxy_from_env("mqtt.federation.example", env) == (
+        "proxy.hospital.example", 8080, "it@hosp", "p:ss")
+    assert proxy_from_env("broker.internal.example", env) is None  # a NO_PROXY suffix
+    assert proxy_from_env("localhost", env) is None
+    assert proxy_from_env("mqtt.federation.example", {"https_proxy": "proxy:3128"}) == (
+        "proxy", 3128, None, None)
+    assert proxy_from_env("x", {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}) is None
+    assert proxy_from_env("x", {}) is None
