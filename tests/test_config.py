@@ -326,3 +326,48 @@ def test_feature_units(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_plan(write(tmp_path, text.replace('unit = "years"', f'unit = "{"y" * 40}"')))
     assert info.value.key == "features[0].unit"
+
+
+def test_broker_websockets_and_proxy(tmp_path):
+    (tmp_path / "proxy.auth").write_text("it-dept:pa:ss\n")
+    base = SITE.replace('port = 1883\n', '')
+    cfg = load_site_config(write(tmp_path, base.replace('[broker]\n', '[broker]\ntransport = '
+                                                        '"websockets"\n') + """
+[broker.proxy]
+host = "proxy.hospital.example"
+port = 8080
+auth_file = "proxy.auth"
+"""))
+    b = cfg.broker
+    assert (b.transport, b.port, b.ws_path, b.scheme) == ("websockets", 443, "/mqtt", "ws")
+    assert (b.proxy.host, b.proxy.port, b.proxy.username, b.proxy.password) == (
+        "proxy.hospital.example", 8080, "it-dept", "pa:ss")
+    assert "pa:ss" not in repr(b)  # the password never reaches a log line or traceback
+    assert load_site_config(write(tmp_path, SITE)).broker.proxy is None
+
+
+@pytest.mark.parametrize("extra,key,problem", [
+    ('transport = "quic"\n', "broker.transport", "one of"),
+    ('ws_path = "mqtt"\n', "broker.ws_path", "starting with /"),
+    ('[broker.proxy]\nport = 3128\n', "broker.proxy.host", "required"),
+    ('[broker.proxy]\nhost = "p"\nauth_file = "missing.auth"\n', "broker.proxy.auth_file",
+     "cannot be read"),
+    ('[broker.proxy]\nfrom_env = true\nhost = "p"\n', "broker.proxy.from_env", "not both"),
+])
+def test_broker_transport_errors(tmp_path, extra, key, problem):
+    text = SITE.replace("[data]", extra + "[data]") if not extra.startswith("[") else \
+        SITE.replace("[data]", extra + "\n[data]")
+    with pytest.raises(ConfigError) as info:
+        load_site_config(write(tmp_path, text))
+    assert info.value.key == key and problem in str(info.value)
+
+
+def test_broker_proxy_from_env(tmp_path, monkeypatch):
+    text = SITE + ""
+    text = text.replace("[data]", "[broker.proxy]\nfrom_env = true\n\n[data]")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.hospital.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert str(load_site_config(write(tmp_path, text)).broker.proxy) == \
+        "proxy.hospital.example:3128"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the broker host: direct
+    assert load_site_config(write(tmp_path, text)).broker.proxy is None
