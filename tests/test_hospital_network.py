@@ -94,6 +94,10 @@ def test_a_federation_over_wss_through_the_hospital_proxy(network, tmp_path):
     for name in NAMES:
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log and f"connected to 127.0.0.1:{wss_port}" in log
+        status = coord.coordinator.site_status[name]  # what IT sees in the retained status
+        assert status["broker_url"] == f"wss://127.0.0.1:{wss_port}/mqtt"
+        assert status["broker_proxy"] == f"127.0.0.1:{proxy_port}"
+        assert status["reconnects"] == 0
 
 
 @NEEDS_TINYPROXY

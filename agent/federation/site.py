@@ -291,6 +291,7 @@ class Site:
         extra["declined_reason"] = self.declined_reason
         extra["rss_peak_mib"] = round(peak_rss_mib(), 1)
         extra["cert_days_left"] = self.transport.cert_days_left()
+        extra.update(self.transport.connection_status())
         extra["last_round_ok_ts"] = self.last_round_ok_ts
         extra["run"] = self.run_id
         if self.model_sha256 is not None:

@@ -178,6 +178,16 @@ class Transport:
         queued (see `_make_client`); a loop paused for a full inbox is woken instead."""
         self._wake.set()
 
+    def connection_status(self) -> dict[str, Any]:
+        """How this process reaches the broker, for the status IT watches: the broker as a URL
+        (scheme says TCP or WebSockets, TLS or not), the proxy in between, reconnects since
+        start."""
+        b = self.broker
+        return {"broker_url": f"{b.scheme}://{b.host}:{b.port}"
+                              + (b.ws_path if b.transport == "websockets" else ""),
+                "broker_proxy": str(b.proxy) if b.proxy is not None else None,
+                "reconnects": max(0, self.connects - 1)}
+
     def cert_days_left(self) -> float | None:
         """Days until this identity's certificate expires (None without TLS): for status."""
         if self.broker.tls is None:
