@@ -98,6 +98,7 @@ def test_a_federation_over_wss_through_the_hospital_proxy(network, tmp_path):
         assert status["broker_url"] == f"wss://127.0.0.1:{wss_port}/mqtt"
         assert status["broker_proxy"] == f"127.0.0.1:{proxy_port}"
         assert status["reconnects"] == 0
+        assert 0 < status["last_rtt_ms"] < 5000  # status publishes, timed to their PUBACK
 
 
 @NEEDS_TINYPROXY

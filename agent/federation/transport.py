@@ -103,6 +103,9 @@ class Incoming:
     connection: int = 0  # which connection it came on: an ack only means something on that one
 
 
+RTT_MAX_BYTES = 4096  # publishes at most this large time the round trip (status, manifests)
+
+
 class Transport:
     """One MQTT identity: connect once, then stay connected until `close`."""
 
@@ -126,6 +129,9 @@ class Transport:
         self.reconnect_cap_s = reconnect_cap_s
         self.protocol_used: str | None = None
         self.connects = 0
+        self.last_rtt_ms: float | None = None  # publish -> PUBACK of the last small message
+        self._rtt_sent: dict[int, float] = {}
+        self._rtt_lock = threading.Lock()
         self._rng = random.Random()
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -171,6 +177,7 @@ class Transport:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
         return c
 
     def _network_thread_writes(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -186,7 +193,8 @@ class Transport:
         return {"broker_url": f"{b.scheme}://{b.host}:{b.port}"
                               + (b.ws_path if b.transport == "websockets" else ""),
                 "broker_proxy": str(b.proxy) if b.proxy is not None else None,
-                "reconnects": max(0, self.connects - 1)}
+                "reconnects": max(0, self.connects - 1),
+                "last_rtt_ms": self.last_rtt_ms}
 
     def cert_days_left(self) -> float | None:
         """Days until this identity's certificate expires (None without TLS): for status."""
@@ -458,7 +466,21 @@ class Transport:
         if expiry_s is not None and self.protocol_used == "5":
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = max(1, int(expiry_s))
-        return self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        if len(payload) <= RTT_MAX_BYTES:  # a small message: its PUBACK times the path
+            with self._rtt_lock:
+                self._rtt_sent[info.mid] = time.monotonic()
+                while len(self._rtt_sent) > 64:  # acks lost with a connection
+                    del self._rtt_sent[next(iter(self._rtt_sent))]
+        return info
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None,
+                    properties: Any = None) -> None:
+        """PUBACK of a publish: for a small one, the round trip to the broker and back."""
+        with self._rtt_lock:
+            sent = self._rtt_sent.pop(mid, None)
+        if sent is not None:
+            self.last_rtt_ms = round((time.monotonic() - sent) * 1000.0, 1)
 
     def wait_published(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout_s: float) -> None:
         """Block until the broker acknowledged every publish; a timeout is a failure.
