@@ -297,6 +297,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                        args.id_column)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.ops.doctor import run_doctor
+
+    return run_doctor(Path(args.config))
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     if args.model_command == "export":
         from agent.learn.modelcli import run_export
@@ -439,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--id-column", help="key rows by this column (default: row number)")
     pr.add_argument("--json", action="store_true", help="with --clinical: one JSON object")
     pr.set_defaults(func=_cmd_predict)
+
+    doc = sub.add_parser("doctor", help="check this site's path to the broker step by step "
+                                        "(certificate, DNS, TCP, proxy, TLS); first failure in "
+                                        "words to act on")
+    doc.add_argument("--config", required=True, help="the site config")
+    doc.set_defaults(func=_cmd_doctor)
 
     mo = sub.add_parser("model", help="export the federation's model to ONNX, verify a "
                                       "received one")

@@ -136,3 +136,34 @@ def test_https_proxy_and_no_proxy_from_the_environment():
         "proxy", 3128, None, None)
     assert proxy_from_env("x", {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}) is None
     assert proxy_from_env("x", {}) is None
+
+
+# ------------------------------------------------------------------ fedsilo doctor
+
+@NEEDS_TINYPROXY
+def test_doctor_walks_the_path_and_names_the_first_failure(network, tmp_path):
+    from agent.ops.doctor import run_doctor
+
+    pki, _tls, wss_port, proxy_port, _net = network
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    good = _site_config(tmp_path, pki, "north", wss_port, proxy_port, tables[0],
+                        "hospital:s3cret")
+    lines: list[str] = []
+    assert run_doctor(good, lines.append) == 0, lines
+    assert [line.split()[1] for line in lines[:-1]] == ["certificate", "dns", "tcp", "proxy",
+                                                        "tls"]
+    assert all(line.startswith("ok") for line in lines[:-1])
+    assert " 200 " in lines[3]  # the proxy's answer to CONNECT
+
+    lines = []
+    bad = _site_config(tmp_path, pki, "south", wss_port, proxy_port, tables[1],
+                       "hospital:wrong-pw-9")
+    assert run_doctor(bad, lines.append) == 1
+    assert lines[-1].startswith("FAIL  proxy") and "401" in lines[-1]
+    assert "auth_file" in lines[-1] and not any("wrong-pw-9" in line for line in lines)
+
+    lines = []
+    closed = _site_config(tmp_path, pki, "north", wss_port, free_port(), tables[0],
+                          "hospital:s3cret")
+    assert run_doctor(closed, lines.append) == 1
+    assert lines[-1].startswith("FAIL  tcp") and "refused or unreachable" in lines[-1]
