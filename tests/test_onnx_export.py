@@ -21,12 +21,12 @@ from agent.config import (
     StrategySpec,
     plan_to_toml_dict,
 )
-from agent.demo.models import seeded_model
+from agent.demo.models import grid_images, seeded_model
+from agent.demo.models import project_proba as demo_project_proba
 from agent.federation.coordinator import plan_digest
 from agent.ingest.tables import encoded_columns, numeric_column_indices
 from agent.learn import onnx_export as ox
 from agent.learn.modelfile import SavedModel, load_model, save_model
-from agent.learn.models import predict_proba
 from agent.learn.standardize import apply_standardization
 
 FEATURES = (
@@ -93,22 +93,12 @@ def encoded_rows(n: int, seed: int) -> np.ndarray:
 def raw_images(saved: SavedModel, n: int, seed: int) -> np.ndarray:
     """Windowed (0..1) images on the plan's grid, as preprocessing yields them, spread around
     the federation's average head as real series would be."""
-    rng = np.random.default_rng(seed)
-    mean, scale = (a.reshape(saved.layout.image_shape) for a in np.split(saved.image_norm, 2))
-    noise = rng.standard_normal((n, *saved.layout.image_shape))
-    return np.clip(mean + scale * noise, 0.0, 1.0).astype(np.float32)
+    return grid_images(saved, n, seed)
 
 
 def project_proba(saved: SavedModel, x: np.ndarray, images: np.ndarray | None) -> np.ndarray:
-    """The project's own path: apply_standardization, the site's image standardisation, then
-    models.predict_proba with the reference kernels."""
-    xs = apply_standardization(x, saved.mean, saved.scale)
-    std = None
-    if images is not None:
-        mean, scale = np.split(saved.image_norm, 2)
-        shape = images.shape[1:]
-        std = ((images - mean.reshape(shape)) / scale.reshape(shape)).astype(np.float32)
-    return predict_proba(saved.layout, saved.params, xs, REF, std)
+    """The project's own path (agent.demo.models.project_proba) on the reference kernels."""
+    return demo_project_proba(saved, REF, x, images)
 
 
 def session(model: onnx.ModelProto | str) -> ort.InferenceSession:

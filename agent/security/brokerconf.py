@@ -127,6 +127,15 @@ def monitor_listener_text(out: Path, host: str, port: int) -> str:
     ]) + "\n"
 
 
+def _tls_lines(out: Path) -> list[str]:
+    """A listener's TLS and identity rules: the federation CA and CRL, a client certificate
+    required, its common name the MQTT user name and client id (what the ACL names)."""
+    return [f"cafile {out}/ca.crt", f"certfile {out}/broker.crt", f"keyfile {out}/broker.key",
+            f"crlfile {out}/crl.pem", "require_certificate true",
+            "use_identity_as_username true", "use_username_as_clientid true",
+            "tls_version tlsv1.2"]
+
+
 def config_text(out: Path, port: int, bind: str) -> str:
     out = out.resolve()
     return "\n".join([
@@ -134,14 +143,7 @@ def config_text(out: Path, port: int, bind: str) -> str:
         "per_listener_settings false",
         "allow_anonymous false",
         f"listener {port} {bind}",
-        f"cafile {out}/ca.crt",
-        f"certfile {out}/broker.crt",
-        f"keyfile {out}/broker.key",
-        f"crlfile {out}/crl.pem",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
-        "tls_version tlsv1.2",
+        *_tls_lines(out),
         f"acl_file {out}/acl",
         "persistence true",
         f"persistence_location {out}/data/",
@@ -163,14 +165,7 @@ def websockets_listener_text(out: Path, port: int) -> str:
     return "\n".join([
         f"listener {port}",
         "protocol websockets",
-        f"cafile {out}/ca.crt",
-        f"certfile {out}/broker.crt",
-        f"keyfile {out}/broker.key",
-        f"crlfile {out}/crl.pem",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
-        "tls_version tlsv1.2",
+        *_tls_lines(out),
     ]) + "\n"
 
 
