@@ -86,6 +86,11 @@ def test_mosquitto_sub_reads_status_and_metrics_of_a_running_federation(tmp_path
     seen = {(d["role"], d["id"], d["state"]) for d in statuses}
     assert {("site", n, "offline") for n in names} <= seen  # explicit offline on clean stop
     assert ("coordinator", "coordinator", "finished") in seen
+    # both ends say how they reach the broker (IT compares them when one side cannot)
+    for doc in statuses:
+        if doc["state"] != "offline":
+            assert doc["broker_url"] == f"mqtt://127.0.0.1:{mosquitto.port}", doc
+            assert doc["broker_proxy"] is None and doc["reconnects"] == 0, doc
     assert any(d["state"] == "training" for d in statuses)
     trained = [d for d in statuses if d["role"] == "site" and d["last_round_ok_ts"]]
     assert trained and all(d["cpu_percent"] is not None for d in trained)

@@ -344,6 +344,7 @@ class Coordinator:
                                      "discounted": self._last_discounted(),
                                      "declined": ",".join(f"{s}={why}" for s, why in
                                                           sorted(self.declined.items())),
+                                     **self.transport.connection_status(),
                                      **host_vitals(self.state_dir), **(extra or {})})
         self.transport.publish(topics.coordinator_status(self.fed), encode_status(doc),
                                retain=True)
