@@ -140,6 +140,36 @@ def test_reassembly_rejects_tampered_chunks_and_lists_missing():
     assert r.pending_count() == 0
 
 
+def test_no_resend_request_while_other_bodies_still_arrive_then_requests_back_off():
+    """200 sites' updates queue behind each other: a body waiting its turn is not asked for
+    while chunks of others keep coming; once all is quiet, each body is asked at 2, 4, 8 s."""
+    a_body, b_body = os.urandom(3000), os.urandom(3000)
+    a, b = manifest_for(a_body, sender="north"), manifest_for(b_body, sender="south")
+    a_parts, b_parts = chunks_of(a, a_body), chunks_of(b, b_body)
+    r = Reassembler()
+    r.add_manifest(a, now=0.0)
+    r.add_manifest(b, now=0.0)
+    r.add_chunk(*a_parts[0], now=0.0)
+    for t, part in zip((1.5, 3.0, 4.5), b_parts, strict=True):
+        assert r.due_requests(now=t - 0.1, after_s=2.0) == []  # south's chunks still flow
+        r.add_chunk(*part, now=t)
+    assert r.pending_count() == 1  # south is complete at 4.5; from then on nothing arrives
+    asked = [t / 10 for t in range(0, 400) if r.due_requests(now=t / 10, after_s=2.0)]
+    assert asked == [6.5, 10.5, 18.5, 34.5]  # quiet for 2 s, then 4, 8, 16 s between asks
+    r.add_chunk(*a_parts[1], now=40.0)  # the sender answered: the back-off starts over
+    assert [d[1] for d in r.due_requests(now=42.0, after_s=2.0)] == [[2]]
+
+
+def test_a_chunk_asked_for_by_many_is_resent_once_per_interval():
+    from agent.federation.peer import RESEND_AFTER_S, _Outgoing
+
+    body = os.urandom(2500)
+    out = _Outgoing(manifest_for(body), body, "m", lambda i: f"c/{i}", None)
+    assert out.hold([0, 2], now=100.0) == [0, 2]
+    assert out.hold([0, 1, 2], now=100.5) == [1]  # 0 and 2 are on their way to everyone
+    assert out.hold([0], now=100.0 + RESEND_AFTER_S) == [0]  # lost again: sent again
+
+
 def test_reassembly_bounds_pending_and_orphans():
     r = Reassembler(max_pending=2, max_orphan_bytes=100)
     for i in range(2):

@@ -14,7 +14,7 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.config import IdentityFiles, TLSFiles
@@ -85,6 +85,17 @@ class _Outgoing:
     chunk_topic: Callable[[int], str]
     expiry_s: float | None
     retain_manifest: bool = False
+    resent_at: dict[int, float] = field(default_factory=dict)  # chunk index (-1: all): when
+
+    def hold(self, indices: list[int], now: float) -> list[int]:
+        """Those of `indices` not resent in the last RESEND_AFTER_S, marked as resent now.
+
+        A chunk resent moments ago is on its way: a broadcast body (the coordinator's task)
+        reaches every site with one resend, however many of them asked."""
+        due = [i for i in indices
+               if i not in self.resent_at or now - self.resent_at[i] >= RESEND_AFTER_S]
+        self.resent_at.update(dict.fromkeys(due, now))
+        return due
 
 
 class Peer:
@@ -159,16 +170,21 @@ class Peer:
             out = next((o for (r, _d), o in self._outgoing.items() if r == rnd), None)
             if out is None:
                 raise ProtocolError("resend_unknown_body", f"round {rnd}")
-            log.info("sending round %d's %s again, as asked", rnd, out.manifest.body_kind.value)
-            self._publish(out, PUBLISH_TIMEOUT_S)
+            if out.hold([-1], time.monotonic()):
+                log.info("sending round %d's %s again, as asked", rnd,
+                         out.manifest.body_kind.value)
+                self._publish(out, PUBLISH_TIMEOUT_S)
             return
         out = self._outgoing.get((rnd, digest))
         if fed != self.federation or out is None:
             raise ProtocolError("resend_unknown_body", f"round {rnd}")
         infos = []
+        if any(index >= out.manifest.n_chunks for index in missing):
+            raise ProtocolError("bad_chunk_index", f"resend of {max(missing)}")
+        missing = out.hold(missing, time.monotonic())
+        if not missing:
+            return
         for index in missing:
-            if index >= out.manifest.n_chunks:
-                raise ProtocolError("bad_chunk_index", f"resend of {index}")
             a, b = out.manifest.chunk_span(index)
             payload = envelope.encode(envelope.chunk_header(out.manifest, index), out.body[a:b])
             infos.append(self.transport.publish(out.chunk_topic(index), payload,

@@ -44,6 +44,7 @@ class _Pending:
     have: set[int] = field(default_factory=set)
     last_progress: float = 0.0
     last_request: float = 0.0
+    requests: int = 0  # asked again since its last progress (each wait doubles)
     sink: Sink | None = None
     next_index: int = 0  # streamed: chunks before it went to the sink
     ahead: dict[int, bytes] = field(default_factory=dict)
@@ -67,6 +68,7 @@ class Reassembler:
         self._orphans: dict[Key, dict[int, bytes]] = {}
         self._orphan_bytes = 0
         self._ahead_bytes = 0
+        self._last_any_progress = 0.0  # a chunk of any body: the pipe is still delivering
 
     @staticmethod
     def key_of(m: Manifest) -> Key:
@@ -127,7 +129,8 @@ class Reassembler:
         if index in p.have:
             return None
         self._take(key, p, index, data)
-        p.last_progress = now
+        p.last_progress = self._last_any_progress = now
+        p.requests = 0
         return self._finish_if_complete(key, p)
 
     def _take(self, key: Key, p: _Pending, index: int, data: bytes) -> None:
@@ -212,13 +215,24 @@ class Reassembler:
         # The buffer itself, not a copy: nothing else refers to it once it left _pending.
         return Completed(manifest=p.manifest, body=p.buffer)
 
-    def due_requests(self, now: float, after_s: float) -> list[tuple[Manifest, list[int]]]:
-        """Bodies with no progress for `after_s`: what to ask the sender for again."""
+    def due_requests(self, now: float, after_s: float, *, max_doublings: int = 4
+                     ) -> list[tuple[Manifest, list[int]]]:
+        """Bodies to ask the sender for again: no chunk of any body for `after_s` (while
+        chunks still arrive, the missing ones are queued behind them, at the broker or in a
+        busy process, and asking would only add copies to that queue), and each body asked
+        at most once per `after_s` x 2^(requests so far), up to 2^`max_doublings`.
+
+        With hundreds of senders the quiet rule is what keeps a slow round from becoming a
+        resend storm (every request is answered with whole chunks)."""
         out = []
+        if now - self._last_any_progress < after_s:
+            return out
         for p in self._pending.values():
-            if now - max(p.last_progress, p.last_request) >= after_s:
+            wait = after_s * (1 << min(p.requests, max_doublings))
+            if now - p.last_progress >= after_s and now - p.last_request >= wait:
                 missing = [i for i in range(p.manifest.n_chunks) if i not in p.have]
                 p.last_request = now
+                p.requests += 1
                 out.append((p.manifest, missing))
         return out
 
