@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 RECEIVE_MAXIMUM = 16  # unacknowledged QoS 1 messages the broker may have in flight to us
-INBOX_MAX_BYTES = 64 << 20  # payload bytes held for the main loop before reading pauses
+INBOX_MAX_BYTES = 16 << 20  # payload bytes held for the main loop before reading pauses (16
+# full chunks keep it busy; more is only memory: at 200 sites x 1 MB updates, 64 MiB was 20 %
+# of the coordinator's peak, benchmarks/bench_scale.py)
 INBOX_MAX_MESSAGES = 1024
 DRAIN_S = 2.0  # at most this long, on a clean stop, for the broker to read our DISCONNECT
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).
@@ -130,7 +132,9 @@ class Transport:
         self.protocol_used: str | None = None
         self.connects = 0
         self.last_rtt_ms: float | None = None  # publish -> PUBACK of the last small message
-        self._rtt_sent: dict[int, float] = {}
+        self.publishes_refused = 0  # PUBACKs with a failure reason (MQTT 5: the broker's ACL)
+        self.last_refusal: str | None = None  # "<reason> on <topic>"
+        self._in_flight: dict[int, tuple[str, float | None]] = {}  # mid: (topic, sent if small)
         self._rtt_lock = threading.Lock()
         self._rng = random.Random()
         self._connected = threading.Event()
@@ -194,7 +198,8 @@ class Transport:
                               + (b.ws_path if b.transport == "websockets" else ""),
                 "broker_proxy": str(b.proxy) if b.proxy is not None else None,
                 "reconnects": max(0, self.connects - 1),
-                "last_rtt_ms": self.last_rtt_ms}
+                "last_rtt_ms": self.last_rtt_ms,
+                "publishes_refused": self.publishes_refused}
 
     def cert_days_left(self) -> float | None:
         """Days until this identity's certificate expires (None without TLS): for status."""
@@ -467,20 +472,28 @@ class Transport:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = max(1, int(expiry_s))
         info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
-        if len(payload) <= RTT_MAX_BYTES:  # a small message: its PUBACK times the path
-            with self._rtt_lock:
-                self._rtt_sent[info.mid] = time.monotonic()
-                while len(self._rtt_sent) > 64:  # acks lost with a connection
-                    del self._rtt_sent[next(iter(self._rtt_sent))]
+        # a small message: its PUBACK times the path
+        sent = time.monotonic() if len(payload) <= RTT_MAX_BYTES else None
+        with self._rtt_lock:
+            self._in_flight[info.mid] = (topic, sent)
+            while len(self._in_flight) > 256:  # acks lost with a connection
+                del self._in_flight[next(iter(self._in_flight))]
         return info
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None,
                     properties: Any = None) -> None:
-        """PUBACK of a publish: for a small one, the round trip to the broker and back."""
+        """PUBACK of a publish: for a small one, the round trip to the broker and back; a
+        refusal (MQTT 5 reason code, e.g. Not authorized from the ACL) is counted and named:
+        under 3.1.1 the broker acknowledges and drops such a publish without a word."""
         with self._rtt_lock:
-            sent = self._rtt_sent.pop(mid, None)
+            topic, sent = self._in_flight.pop(mid, ("?", None))
         if sent is not None:
             self.last_rtt_ms = round((time.monotonic() - sent) * 1000.0, 1)
+        if reason is not None and getattr(reason, "is_failure", False):
+            self.publishes_refused += 1
+            self.last_refusal = f"{reason} on {topic}"
+            log.warning("the broker refused our publish to %s (%s): check its ACL for %s",
+                        topic, reason, self.client_id)
 
     def wait_published(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout_s: float) -> None:
         """Block until the broker acknowledged every publish; a timeout is a failure.
