@@ -4,6 +4,7 @@ auth), mutual TLS unchanged; a proxy that refuses is named in the site's log."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -140,20 +141,37 @@ def test_https_proxy_and_no_proxy_from_the_environment():
 
 # ------------------------------------------------------------------ fedsilo doctor
 
+def _retain_coordinator_status(pki: PKI, tls_port: int, doc: dict) -> None:
+    """What a coordinator leaves retained: the read half of a site's ACL is checked on it."""
+    from agent.config.site import BrokerConfig
+    from agent.federation import topics
+    from agent.federation.transport import Transport
+
+    t = Transport(f"fedsilo-{FED}-coordinator", BrokerConfig(port=tls_port, tls=TLSFiles(
+        ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
+        key=pki.dir / "coordinator.key")))
+    t.connect()
+    t.close(final=(topics.coordinator_status(FED), json.dumps(doc).encode()))
+
+
 @NEEDS_TINYPROXY
 def test_doctor_walks_the_path_and_names_the_first_failure(network, tmp_path):
     from agent.ops.doctor import run_doctor
 
-    pki, _tls, wss_port, proxy_port, _net = network
+    pki, tls_port, wss_port, proxy_port, _net = network
     tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    _retain_coordinator_status(pki, tls_port, {"role": "coordinator", "state": "finished",
+                                               "round": 2})
     good = _site_config(tmp_path, pki, "north", wss_port, proxy_port, tables[0],
                         "hospital:s3cret")
     lines: list[str] = []
     assert run_doctor(good, lines.append) == 0, lines
     assert [line.split()[1] for line in lines[:-1]] == ["certificate", "dns", "tcp", "proxy",
-                                                        "tls"]
-    assert all(line.startswith("ok") for line in lines[:-1])
+                                                        "tls", "agent", "mqtt", "acl"]
+    assert all(line.startswith("ok") for line in lines[:-1]), lines
     assert " 200 " in lines[3]  # the proxy's answer to CONNECT
+    assert "reads the coordinator's status (finished, round 2)" in lines[7], lines
+    assert "connect, publish and read" in lines[-1]
 
     lines = []
     bad = _site_config(tmp_path, pki, "south", wss_port, proxy_port, tables[1],
@@ -167,3 +185,41 @@ def test_doctor_walks_the_path_and_names_the_first_failure(network, tmp_path):
                           "hospital:s3cret")
     assert run_doctor(closed, lines.append) == 1
     assert lines[-1].startswith("FAIL  tcp") and "refused or unreachable" in lines[-1]
+
+
+@NEEDS_TINYPROXY
+def test_doctor_names_an_identity_the_broker_acl_does_not_know(network, tmp_path):
+    from agent.ops.doctor import run_doctor
+
+    pki, _tls, wss_port, proxy_port, _net = network
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    pki.issue("site", "west")  # a valid certificate of the federation's CA, not in the roster
+    lines: list[str] = []
+    cfg = _site_config(tmp_path, pki, "west", wss_port, proxy_port, tables[0], "hospital:s3cret")
+    assert run_doctor(cfg, lines.append) == 1, lines
+    assert lines[-2].startswith("ok    mqtt")  # connected: the CA vouches for it
+    assert lines[-1].startswith("FAIL  acl"), lines
+    assert f"Not authorized on fedsilo/v1/{FED}/site/west/doctor" in lines[-1]
+    assert "roster" in lines[-1]
+
+
+@NEEDS_TINYPROXY
+def test_doctor_leaves_the_session_to_a_running_agent(network, tmp_path):
+    from agent.ops.doctor import run_doctor
+    from agent.ops.statedir import hold_agent_lock
+
+    pki, _tls, wss_port, proxy_port, _net = network
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    cfg = _site_config(tmp_path, pki, "north", wss_port, proxy_port, tables[0], "hospital:s3cret")
+    (tmp_path / "north").mkdir()
+    lock = hold_agent_lock(tmp_path / "north", str(cfg))  # as `fedsilo site run` does
+    try:
+        lines: list[str] = []
+        assert run_doctor(cfg, lines.append) == 0, lines
+        assert lines[-2].startswith("skip  agent") and f"pid {os.getpid()}" in lines[-2]
+        assert not any(line.split()[1] in ("mqtt", "acl") for line in lines)
+        with pytest.raises(Exception, match="another fedsilo agent"):
+            hold_agent_lock(tmp_path / "north", str(cfg))  # nor may a second agent start
+    finally:
+        lock.close()
+    assert hold_agent_lock(tmp_path / "north", str(cfg)).close() is None  # released

@@ -54,7 +54,13 @@ from agent.ops.hardware import (
     select_profile,
 )
 from agent.ops.sdnotify import Notifier
-from agent.ops.statedir import DISK_FULL, NOT_WRITABLE, describe, ensure_writable
+from agent.ops.statedir import (
+    DISK_FULL,
+    NOT_WRITABLE,
+    describe,
+    ensure_writable,
+    hold_agent_lock,
+)
 from agent.ops.status import (
     State,
     encode_status,
@@ -983,9 +989,18 @@ class Site:
             self.publish_status()
 
     def run(self, *, exit_when_finished: bool = True) -> int:
+        """Serve the federation until it finishes (or until stopped, with `exit_when_finished`
+        False): 0 either way. One agent per state directory (agent.lock, held meanwhile)."""
         self.notifier.extend_timeout(START_TIMEOUT_S)  # imports, state, a cold Numba cache
         self.notifier.status("starting")
         ensure_writable(self.config.state_dir)
+        lock = hold_agent_lock(self.config.state_dir, self.config.source)
+        try:
+            return self._run(exit_when_finished)
+        finally:
+            lock.close()
+
+    def _run(self, exit_when_finished: bool) -> int:
         self._load_state()
         kept = self.outbox.get(MAX_TASK_BYTES)
         if kept is not None and kept.run == self.run_id:  # resend requests may name it

@@ -59,6 +59,12 @@ def site_req(fed: str, site: str) -> str:
     return f"{root(fed)}/site/{site}/req"
 
 
+def site_doctor(fed: str, site: str) -> str:
+    """`fedsilo doctor`'s probe: inside the site's own write ACL (site/<id>/#), read by no one
+    (no agent subscribes to it), so publishing there tests the ACL and disturbs nothing."""
+    return f"{root(fed)}/site/{site}/doctor"
+
+
 def coordinator_subscriptions(fed: str) -> list[str]:
     r = root(fed)
     return [f"{r}/site/+/update/#", f"{r}/site/+/req", f"{r}/site/+/status"]

@@ -6,27 +6,49 @@ the resolver does not know, a firewall, a proxy that wants credentials or refuse
 TLS inspection box, an expired certificate). Each step here uses only what the one before it
 proved, so the first failure names the layer to fix.
 
-The MQTT session itself is not opened: the broker identifies a site by its certificate, so a
-second connection with it would take over the running agent's session.
+Last come the MQTT session and the broker's ACL, only while the agent is stopped: the broker
+makes a site's certificate its client id, so a second connection would push the running agent
+off. The agent holds `<state_dir>/agent.lock` while it runs; when it does, those two steps are
+skipped and its status (reconnects, publishes_refused, last_rtt_ms) is the place to look. The
+ACL probe publishes on `site/<id>/doctor`, inside the site's write ACL and read by nobody, and
+waits for the coordinator's retained status, which the site's read ACL must let through. The
+session resumed is the agent's own (same client id, no clean start); nothing in it is
+acknowledged, so whatever the broker queued for the agent is delivered to it again later.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
+import queue
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.config.site import BrokerConfig, SiteConfig, load_site_config
-from agent.errors import ConfigError
+from agent.errors import BrokerError, ConfigError
+from agent.federation import topics
+from agent.federation.transport import Transport
+from agent.ops.statedir import AGENT_LOCK, agent_lock_holder
 
 TIMEOUT_S = 10.0
+STATUS_WAIT_S = 5.0  # for the coordinator's retained status, once subscribed
 
 
 class StepFailed(Exception):
     """One step failed; the message says what to do."""
+
+
+class StepSkipped(Exception):
+    """The rest cannot be checked from here now (the agent runs); not a failure."""
+
+
+class StepWarned(Exception):
+    """The step passed only in part; the message says what may be wrong. Not a failure."""
 
 
 def _dns(host: str, what: str) -> str:
@@ -118,25 +140,108 @@ def _certificate(config: SiteConfig) -> str:
     return f"{cert}: site {config.site_id}, valid {left:.0f} more days"
 
 
+def _agent_stopped(config: SiteConfig) -> str:
+    lock = config.state_dir / AGENT_LOCK
+    try:
+        pid = agent_lock_holder(config.state_dir)
+    except OSError as exc:
+        raise StepSkipped(f"cannot tell whether the agent runs ({exc.strerror}: {lock}); run "
+                          f"doctor as the service's user to check the MQTT session and ACL"
+                          ) from None
+    if pid is not None:
+        raise StepSkipped(f"the agent runs (pid {pid} holds {lock}): a second session with its "
+                          f"certificate would push it off; its status shows its session "
+                          f"(reconnects, publishes_refused, last_rtt_ms), or stop it to check "
+                          f"the session and the ACL from here")
+    return f"not running ({config.state_dir}): its MQTT session is free to test"
+
+
+def _session(config: SiteConfig) -> Transport:
+    fed, site = config.federation, config.site_id
+    transport = Transport(f"fedsilo-{fed}-site-{site}", config.broker,
+                          subscriptions=[topics.coordinator_status(fed)])
+    try:
+        transport.connect(timeout_s=TIMEOUT_S)
+    except BrokerError as exc:
+        raise StepFailed(f"{exc}: the broker took the TLS connection but not the MQTT session "
+                         f"(a certificate it does not know, or MQTT not served on "
+                         f"{config.broker.scheme}://{config.broker.host}:{config.broker.port})"
+                         ) from None
+    return transport
+
+
+def _coordinator_status(transport: Transport, fed: str, wait_s: float) -> dict[str, Any] | None:
+    """The coordinator's retained status, as the site's read ACL lets it through. Read from
+    the inbox without acknowledging anything (those messages stay the agent's)."""
+    want = topics.coordinator_status(fed)
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = transport.inbox.get(timeout=left)
+        except queue.Empty:
+            return None
+        if msg.topic == want and msg.payload:
+            try:
+                doc = json.loads(msg.payload)
+            except ValueError:
+                return {}
+            return doc if isinstance(doc, dict) else {}
+    return None
+
+
+def _acl(config: SiteConfig, transport: Transport) -> str:
+    fed, site = config.federation, config.site_id
+    probe = topics.site_doctor(fed, site)
+    try:
+        transport.wait_published([transport.publish(probe, b"fedsilo doctor")], TIMEOUT_S)
+    except BrokerError as exc:
+        raise StepFailed(f"the broker did not acknowledge a publish to {probe} ({exc})") from None
+    if transport.last_refusal is not None:
+        raise StepFailed(f"the broker refuses {site}'s publishes ({transport.last_refusal}): "
+                         f"its ACL has no rules for this identity; ask the broker's admin to "
+                         f"add {site} to the federation's roster (fedsilo broker-config "
+                         f"--sites) and reload the broker")
+    wrote = (f"may publish under {topics.root(fed)}/site/{site}/" if
+             transport.protocol_used == "5" else
+             "publish acknowledged (MQTT 3.1.1 cannot say whether the ACL let it through)")
+    status = _coordinator_status(transport, fed, STATUS_WAIT_S)
+    if status is None:
+        raise StepWarned(f"{wrote}; but no coordinator status arrived within "
+                         f"{STATUS_WAIT_S:.0f} s: either the coordinator has not run yet, or "
+                         f"the broker's ACL does not let {site} read "
+                         f"{topics.coordinator_status(fed)}")
+    return (f"{wrote}; reads the coordinator's status ({status.get('state', '?')}, round "
+            f"{status.get('round', '?')})")
+
+
 def run_doctor(config_path: Path, say: Callable[[str], None] = print) -> int:
-    """0 when every step passed, 1 at the first failure (printed with what to do)."""
+    """0 when every step passed (or the rest was skipped because the agent runs), 1 at the
+    first failure (printed with what to do)."""
     config = load_site_config(config_path)  # ConfigError: exit 2, as for any command
     b = config.broker
     steps: list[tuple[str, Callable[[], str]]] = [("certificate", lambda: _certificate(config))]
     first = b.proxy.host if b.proxy else b.host
     steps.append(("dns", lambda: f"{first} is {_dns(first, 'proxy' if b.proxy else 'broker')}"))
-    held: dict[str, socket.socket] = {}
+    held: dict[str, Any] = {}
 
     def tcp() -> str:
         host, port = (b.proxy.host, b.proxy.port) if b.proxy else (b.host, b.port)
         held["sock"] = _tcp(host, port, "proxy" if b.proxy else "broker")
         return f"connected to {host}:{port}"
 
+    def mqtt() -> str:
+        held["sock"].close()  # the session makes its own connection, through the same path
+        held["mqtt"] = _session(config)
+        return f"session accepted as {config.site_id} (MQTT {held['mqtt'].protocol_used})"
+
     steps.append(("tcp", tcp))
     if b.proxy is not None:
         steps.append(("proxy", lambda: _tunnel(held["sock"], b)))
     if b.tls is not None:
         steps.append(("tls", lambda: _tls(held["sock"], b)))
+    steps += [("agent", lambda: _agent_stopped(config)), ("mqtt", mqtt),
+              ("acl", lambda: _acl(config, held["mqtt"]))]
+    url = f"{b.scheme}://{b.host}:{b.port}"
     try:
         for name, step in steps:
             try:
@@ -144,10 +249,19 @@ def run_doctor(config_path: Path, say: Callable[[str], None] = print) -> int:
             except StepFailed as exc:
                 say(f"FAIL  {name:<11} {exc}")
                 return 1
+            except StepSkipped as exc:
+                say(f"skip  {name:<11} {exc}")
+                say(f"the path to {url} works up to the broker's TLS; session and ACL not "
+                    f"checked while the agent runs")
+                return 0
+            except StepWarned as exc:
+                say(f"warn  {name:<11} {exc}")
+                continue
             say(f"ok    {name:<11} {detail}")
     finally:
         if "sock" in held:
             held["sock"].close()
-    say(f"the path to {b.scheme}://{b.host}:{b.port} works up to the broker's TLS; the MQTT "
-        f"session is the running agent's (see its status)")
+        if "mqtt" in held:
+            held["mqtt"].close()
+    say(f"the path to {url} works: this site can connect, publish and read; start the agent")
     return 0

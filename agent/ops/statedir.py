@@ -8,10 +8,12 @@ has in memory, and try again, instead of ending in a traceback or dropping state
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
+from typing import IO
 
-from agent.errors import FedsiloError
+from agent.errors import ConfigError, FedsiloError
 
 DISK_FULL = "disk_full"
 NOT_WRITABLE = "state_not_writable"
@@ -60,3 +62,44 @@ def ensure_writable(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise describe(path, exc) from None
+
+
+AGENT_LOCK = "agent.lock"
+
+
+def hold_agent_lock(path: Path, source: str) -> IO[str]:
+    """Hold `path`/agent.lock for this process's life (the kernel releases it at exit, a
+    crash included); ConfigError when another agent holds it. Why: two agents on one state
+    directory would each take the other's MQTT session and overwrite each other's state, and
+    `fedsilo doctor` must know whether the agent runs before it opens that session itself."""
+    lock = open(Path(path) / AGENT_LOCK, "a+")  # noqa: SIM115 - held until the agent stops
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(source, "site.state_dir", f"another fedsilo agent (pid {pid}) already "
+                          f"runs with {path}; two agents must not share a state directory"
+                          ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def agent_lock_holder(path: Path) -> str | None:
+    """The pid (as written) of the agent holding `path`/agent.lock, or None when none runs;
+    OSError when the lock exists but cannot be read (another user's state directory)."""
+    try:
+        lock = open(Path(path) / AGENT_LOCK)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None  # no agent ever started here
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "?"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
