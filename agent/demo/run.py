@@ -95,7 +95,9 @@ def identity_table(out: Path, name: str) -> dict[str, str]:
             "key": str(pki / f"{name}.key"), "crl": str(pki / "crl.pem")}
 
 
-def _write_site(out: Path, name: str, broker_port: int, fed: str, signed: bool = True) -> Path:
+def write_site_config(out: Path, name: str, broker_port: int, fed: str,
+                      signed: bool = True) -> Path:
+    """The demo hospital's site.toml: loopback broker, its cohort, its identity if `signed`."""
     site_dir = out / "sites" / name
     doc: dict[str, Any] = {
         "site": {"id": name, "federation": fed, "state_dir": "state"},
@@ -131,13 +133,19 @@ class DemoFiles:
 
 
 def prepare_demo(out: Path, *, sites: int, rounds: int, seed: int,
-                 verbose: bool = True, **plan_changes: Any) -> DemoFiles:
-    """Generate each hospital's cohort and the common test set; write the plan."""
+                 verbose: bool = True, max_patients: int | None = None,
+                 **plan_changes: Any) -> DemoFiles:
+    """Generate each hospital's cohort and the common test set; write the plan.
+
+    `max_patients` caps every cohort (the scale benchmark's hundreds of sites share 2 cores)."""
     out = out.resolve()
     # A demo always starts a fresh federation (coordinator_for clears the coordinator's state).
     shutil.rmtree(out / "broker", ignore_errors=True)
     rng = np.random.default_rng(seed)
     profiles = cohort.default_profiles(sites, seed)
+    if max_patients is not None:
+        profiles = [dataclasses.replace(p, n_patients=min(p.n_patients, max_patients))
+                    for p in profiles]
     for p in profiles:
         site_dir = out / "sites" / p.name
         shutil.rmtree(site_dir, ignore_errors=True)
@@ -167,7 +175,7 @@ def start_sites(files: DemoFiles, port: int, names: list[str] | None = None, *,
     procs = []
     for name in names or [p.name for p in files.profiles]:
         if config_name is None:
-            cfg = _write_site(files.out, name, port, files.plan.federation, signed)
+            cfg = write_site_config(files.out, name, port, files.plan.federation, signed)
         else:
             cfg = files.out / "sites" / name / config_name
         with open(cfg.with_suffix(".log"), "wb") as log:
