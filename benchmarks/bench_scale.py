@@ -16,8 +16,8 @@ baseline for memory is the 3-site run in the same invocation (issue 15: coordina
 the coordinator, so round time here grows with sites x training; the coordinator's and the
 broker's CPU seconds are the part that a federation of real hospitals would see.
 
-Usage: python benchmarks/bench_scale.py [--sites 3,50,200] [--rounds 2] [--workers 4]
-                                        [--patients 60] [--json FILE]
+Usage: python benchmarks/bench_scale.py [--sites 3,50,200] [--rounds 3] [--repeats 1]
+                                        [--workers 4] [--patients 60] [--json FILE] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ def _proc(pid: int) -> tuple[float, float]:
             peak = int(line.split()[1]) / 1024
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return peak, (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def _rss(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, float, float]:
@@ -152,10 +159,19 @@ def run_federation(work: Path, n: int, rounds: int, workers: int, patients: int
             stdout=subprocess.DEVNULL, stderr=open(files.out / "coordinator.log", "wb"))
         broker_peak = [0.0]
 
+        trace = open(files.out / "rss.csv", "w")  # noqa: SIM115 - closed by the watcher
+        trace.write("clock,coordinator_rss_mib,broker_rss_mib\n")
+
         def watch() -> None:
-            while coord.returncode is None and broker.proc.poll() is None:
-                broker_peak[0] = max(broker_peak[0], _proc(broker.proc.pid)[0])
-                time.sleep(0.5)
+            with trace:
+                while coord.returncode is None and broker.proc.poll() is None:
+                    broker_peak[0] = max(broker_peak[0], _proc(broker.proc.pid)[0])
+                    try:
+                        rss = [_rss(p) for p in (coord.pid, broker.proc.pid)]
+                    except OSError:
+                        break
+                    trace.write(f"{time.strftime('%H:%M:%S')},{rss[0]:.0f},{rss[1]:.0f}\n")
+                    time.sleep(0.25)
 
         threading.Thread(target=watch, daemon=True).start()
         rc, coord_peak, coord_cpu = _reap(coord, 3600)
@@ -194,11 +210,22 @@ def run_federation(work: Path, n: int, rounds: int, workers: int, patients: int
     }
 
 
+def _progress(i: int, repeats: int, r: dict[str, Any]) -> None:
+    print(f"  [{i}/{repeats}] round {r['round_s']:.1f} s (overhead {r['overhead_s']:.1f} s, "
+          f"slowest training {r['slowest_train_s']:.1f} s); coordinator peak "
+          f"{r['coordinator_peak_mib']:.0f} MiB, CPU {r['coordinator_cpu_s']:.1f} s; Mosquitto "
+          f"peak {r['broker_peak_mib']:.0f} MiB, CPU {r['broker_cpu_s']:.1f} s; broker in/out "
+          f"{r['broker_in_mb']:.0f}/{r['broker_out_mb']:.0f} MB; task chunks resent "
+          f"{r['task_chunks_resent']}, update chunks asked again "
+          f"{r['update_chunks_asked_again']} ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", default="3,50,200", help="federation sizes, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4, help="processes hosting the sites")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per size; medians printed")
     ap.add_argument("--patients", type=int, default=60, help="rows per site at most")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, state)")
@@ -215,18 +242,14 @@ def main() -> None:
             print(f"{n} sites, {args.rounds} rounds, MLP {list(MODEL.hidden)} (~1.0 M "
                   f"parameters), int8 updates, {min(args.workers, n)} worker processes ...",
                   file=sys.stderr, flush=True)
-            r = run_federation(Path(tmp) / f"s{n}", n, args.rounds, args.workers, args.patients)
+            runs = []
+            for i in range(args.repeats):
+                runs.append(run_federation(Path(tmp) / f"s{n}", n, args.rounds, args.workers,
+                                           args.patients))
+                _progress(i + 1, args.repeats, runs[-1])
+            r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            r["coordinator_peak_runs_mib"] = [round(run["coordinator_peak_mib"]) for run in runs]
             results.append(r)
-            print(f"  round {r['round_s']:.1f} s (overhead {r['overhead_s']:.1f} s, slowest "
-                  f"training {r['slowest_train_s']:.1f} s); coordinator peak "
-                  f"{r['coordinator_peak_mib']:.0f} MiB, CPU {r['coordinator_cpu_s']:.1f} s; "
-                  f"Mosquitto peak {r['broker_peak_mib']:.0f} MiB, CPU "
-                  f"{r['broker_cpu_s']:.1f} s; broker in/out {r['broker_in_mb']:.0f}/"
-                  f"{r['broker_out_mb']:.0f} MB; task chunks resent {r['task_chunks_resent']}, "
-                  f"update chunks asked again {r['update_chunks_asked_again']} "
-                  f"({r['wall_s']:.0f} s)",
-                  file=sys.stderr,
-                  flush=True)
     base = results[0]
     print(f"\n{'sites':>6} {'round s':>8} {'overhead s':>10} {'coord peak MiB':>14} "
           f"{'x base':>6} {'coord CPU s':>11} {'broker peak MiB':>15} {'broker CPU s':>12} "

@@ -168,6 +168,8 @@ def test_a_chunk_asked_for_by_many_is_resent_once_per_interval():
     assert out.hold([0, 2], now=100.0) == [0, 2]
     assert out.hold([0, 1, 2], now=100.5) == [1]  # 0 and 2 are on their way to everyone
     assert out.hold([0], now=100.0 + RESEND_AFTER_S) == [0]  # lost again: sent again
+    assert out.hold([1], now=105.0, hold_s=10.0) == []  # a broadcast sender holds longer
+    assert out.hold([1], now=110.5, hold_s=10.0) == [1]
 
 
 def test_reassembly_bounds_pending_and_orphans():

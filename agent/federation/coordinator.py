@@ -33,7 +33,7 @@ from agent.errors import BrokerError, DataError, FedsiloError, ProtocolError
 from agent.federation import topics
 from agent.federation.codec import UpdateStream, max_body_len
 from agent.federation.envelope import BodyKind, Manifest, make_manifest
-from agent.federation.peer import BodyReady, Peer, StatusSeen, Trust
+from agent.federation.peer import BROADCAST_RESEND_HOLD_S, BodyReady, Peer, StatusSeen, Trust
 from agent.federation.strategy import make_strategy, weight_caps
 from agent.federation.topics import Topic
 from agent.federation.transport import Transport, Will
@@ -176,7 +176,8 @@ class Coordinator:
                        4 * self.layout.size if plan.privacy.secure_aggregation else 0)
         self.peer = Peer(self.transport, self.fed, "coordinator", max_body=max_body,
                          accept=self._accept, trust=Trust.load(config.identity, config.broker.tls,
-                                                     "coordinator"))
+                                                     "coordinator"),
+                         resend_hold_s=BROADCAST_RESEND_HOLD_S)
 
     # ------------------------------------------------------------------ checkpoint
 

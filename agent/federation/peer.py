@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # cryptography is imported only when a process has an identit
 log = logging.getLogger(__name__)
 
 RESEND_AFTER_S = 2.0
+# A resend of a broadcast body goes to every site: at 200 sites one 1 MiB chunk is 200 MB out of
+# the broker (benchmarks/bench_scale.py), so the coordinator serves one per chunk per 10 s.
+BROADCAST_RESEND_HOLD_S = 10.0
 PUBLISH_TIMEOUT_S = 60.0
 
 
@@ -87,13 +90,13 @@ class _Outgoing:
     retain_manifest: bool = False
     resent_at: dict[int, float] = field(default_factory=dict)  # chunk index (-1: all): when
 
-    def hold(self, indices: list[int], now: float) -> list[int]:
-        """Those of `indices` not resent in the last RESEND_AFTER_S, marked as resent now.
+    def hold(self, indices: list[int], now: float, hold_s: float = RESEND_AFTER_S
+             ) -> list[int]:
+        """Those of `indices` not resent in the last `hold_s`, marked as resent now.
 
         A chunk resent moments ago is on its way: a broadcast body (the coordinator's task)
         reaches every site with one resend, however many of them asked."""
-        due = [i for i in indices
-               if i not in self.resent_at or now - self.resent_at[i] >= RESEND_AFTER_S]
+        due = [i for i in indices if i not in self.resent_at or now - self.resent_at[i] >= hold_s]
         self.resent_at.update(dict.fromkeys(due, now))
         return due
 
@@ -101,8 +104,12 @@ class _Outgoing:
 class Peer:
     def __init__(self, transport: Transport, federation: str, identity: str, *,
                  max_body: int, accept: Callable[[topics.Topic], bool],
-                 trust: Trust | None = None) -> None:
+                 trust: Trust | None = None, resend_hold_s: float = RESEND_AFTER_S) -> None:
+        """`resend_hold_s`: how long after resending a chunk a new request for it is ignored;
+        a sender whose bodies are broadcasts (the coordinator) holds longer: each resend of
+        its task reaches every site."""
         self.transport = transport
+        self.resend_hold_s = resend_hold_s
         self.federation = federation
         self.identity = identity
         self.max_body = max_body
@@ -170,7 +177,7 @@ class Peer:
             out = next((o for (r, _d), o in self._outgoing.items() if r == rnd), None)
             if out is None:
                 raise ProtocolError("resend_unknown_body", f"round {rnd}")
-            if out.hold([-1], time.monotonic()):
+            if out.hold([-1], time.monotonic(), self.resend_hold_s):
                 log.info("sending round %d's %s again, as asked", rnd,
                          out.manifest.body_kind.value)
                 self._publish(out, PUBLISH_TIMEOUT_S)
@@ -181,7 +188,7 @@ class Peer:
         infos = []
         if any(index >= out.manifest.n_chunks for index in missing):
             raise ProtocolError("bad_chunk_index", f"resend of {max(missing)}")
-        missing = out.hold(missing, time.monotonic())
+        missing = out.hold(missing, time.monotonic(), self.resend_hold_s)
         if not missing:
             return
         for index in missing:
