@@ -141,3 +141,25 @@ def test_site_on_a_full_disk_says_so_and_answers_once_space_is_back(
     assert "Traceback" not in text
     assert "the state directory takes writes again" in text
     assert closed_rounds(cstate) == [1, 2]
+
+
+def test_a_second_agent_on_the_same_state_directory_exits_2_naming_the_first(tmp_path):
+    """Two agents on one state directory would push each other off the broker (same
+    certificate, same client id) and overwrite each other's state: the second is refused."""
+    from agent.federation.broker import free_port
+
+    tables, _test, _features = breast_cancer_sites(tmp_path / "data")
+    cfg = write_site_config(tmp_path, "north", FED, free_port(), tables[0])  # nothing listens
+    first = start_site(cfg, tmp_path / "first.log")
+    try:
+        wait_for_line(tmp_path / "first.log", "trying again in", timeout=60)
+        second = subprocess.run([sys.executable, "-m", "agent", "site", "run", "--config",
+                                 str(cfg)], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr
+        line = second.stderr.strip().splitlines()[-1]  # after its start-up log lines
+        assert line.startswith("fedsilo: ") and "site.state_dir" in line
+        assert f"another fedsilo agent (pid {first.pid}) already runs with" in line
+        assert first.poll() is None  # the first one is left alone
+    finally:
+        stop_all([first])

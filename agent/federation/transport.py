@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 24 * 3600
 RECEIVE_MAXIMUM = 16  # unacknowledged QoS 1 messages the broker may have in flight to us
 INBOX_MAX_BYTES = 16 << 20  # payload bytes held for the main loop before reading pauses (16
-# full chunks keep it busy; more is only memory: at 200 sites x 1 MB updates, 64 MiB was 20 %
-# of the coordinator's peak, benchmarks/bench_scale.py)
+# full chunks keep it busy; a larger bound is only memory: with 200 sites' updates queued at the
+# broker the inbox stays full, benchmarks/bench_scale.py)
 INBOX_MAX_MESSAGES = 1024
 DRAIN_S = 2.0  # at most this long, on a clean stop, for the broker to read our DISCONNECT
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 codes onto them).

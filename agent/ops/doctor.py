@@ -207,9 +207,10 @@ def _acl(config: SiteConfig, transport: Transport) -> str:
     status = _coordinator_status(transport, fed, STATUS_WAIT_S)
     if status is None:
         raise StepWarned(f"{wrote}; but no coordinator status arrived within "
-                         f"{STATUS_WAIT_S:.0f} s: either the coordinator has not run yet, or "
-                         f"the broker's ACL does not let {site} read "
-                         f"{topics.coordinator_status(fed)}")
+                         f"{STATUS_WAIT_S:.0f} s: the coordinator has not run yet, or the "
+                         f"broker's ACL does not let {site} read "
+                         f"{topics.coordinator_status(fed)}, or messages queued for the stopped "
+                         f"agent came first (they are left for it)")
     return (f"{wrote}; reads the coordinator's status ({status.get('state', '?')}, round "
             f"{status.get('round', '?')})")
 
