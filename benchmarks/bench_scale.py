@@ -10,7 +10,8 @@ hospitals' training fits on a few cores.
 
 Printed per federation size (3, 50, 200 by default): the median round's wall time, its
 overhead (round time minus the slowest site's training), the coordinator's peak RSS and CPU,
-Mosquitto's peak RSS and CPU, and bytes through the broker per round ($SYS counters). The
+Mosquitto's peak RSS and CPU, bytes per round (the task's fan-out and the updates, from the
+coordinator's round records) and through the broker per run ($SYS counters), resends. The
 baseline for memory is the 3-site run in the same invocation (issue 15: coordinator peak at
 200 sites within 1.3x of 3). On one small host the sites' own training shares the cores with
 the coordinator, so round time here grows with sites x training; the coordinator's and the
