@@ -25,6 +25,7 @@ from tests.test_federation import FED, plan_for
 
 pytestmark = pytest.mark.integration
 NAMES = ["north", "south"]
+IDLE = "east"  # in the roster, never run: a clean MQTT session for doctor's read check
 NEEDS_TINYPROXY = pytest.mark.skipif(shutil.which("tinyproxy") is None,
                                      reason="tinyproxy not found (make system-deps installs it)")
 
@@ -38,10 +39,10 @@ def network():
     tmp = Path(tempfile.mkdtemp(prefix="fedsilo-net-"))
     os.chmod(tmp, 0o755)  # the broker's own user must get through to its directory
     pki = PKI.init(tmp / "pki", FED)
-    for name in (*NAMES, "coordinator"):
+    for name in (*NAMES, IDLE, "coordinator"):
         pki.issue("site" if name != "coordinator" else "coordinator", name)
     tls_port, wss_port, proxy_port = free_port(), free_port(), free_port()
-    conf = write_broker_config(pki, Roster(FED, tuple(NAMES)), tls_port, tmp / "broker",
+    conf = write_broker_config(pki, Roster(FED, (*NAMES, IDLE)), tls_port, tmp / "broker",
                                bind="127.0.0.1", websockets_port=wss_port)
     broker = LocalMosquitto(workdir=tmp / "broker", port=tls_port, config=conf).start()
     (tmp / "tinyproxy.conf").write_text(
@@ -141,8 +142,9 @@ def test_https_proxy_and_no_proxy_from_the_environment():
 
 # ------------------------------------------------------------------ fedsilo doctor
 
-def _retain_coordinator_status(pki: PKI, tls_port: int, doc: dict) -> None:
-    """What a coordinator leaves retained: the read half of a site's ACL is checked on it."""
+def _retain_coordinator_status(pki: PKI, tls_port: int, doc: dict | None) -> None:
+    """What a coordinator leaves retained (None: nothing): the read half of a site's ACL is
+    checked on it."""
     from agent.config.site import BrokerConfig
     from agent.federation import topics
     from agent.federation.transport import Transport
@@ -151,7 +153,8 @@ def _retain_coordinator_status(pki: PKI, tls_port: int, doc: dict) -> None:
         ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
         key=pki.dir / "coordinator.key")))
     t.connect()
-    t.close(final=(topics.coordinator_status(FED), json.dumps(doc).encode()))
+    t.close(final=(topics.coordinator_status(FED),
+                   b"" if doc is None else json.dumps(doc).encode()))
 
 
 @NEEDS_TINYPROXY
@@ -170,8 +173,15 @@ def test_doctor_walks_the_path_and_names_the_first_failure(network, tmp_path):
                                                         "tls", "agent", "mqtt", "acl"]
     assert all(line.startswith("ok") for line in lines[:-1]), lines
     assert " 200 " in lines[3]  # the proxy's answer to CONNECT
-    assert "reads the coordinator's status (finished, round 2)" in lines[7], lines
+    assert "reads the coordinator's status (finished, round 2)" in lines[7], lines  # the newest
     assert "connect, publish and read" in lines[-1]
+
+    _retain_coordinator_status(pki, tls_port, None)  # no coordinator yet: reading unproven
+    lines = []
+    idle = _site_config(tmp_path, pki, IDLE, wss_port, proxy_port, tables[0], "hospital:s3cret")
+    assert run_doctor(idle, lines.append) == 0, lines
+    assert lines[-2].startswith("warn  acl") and "has not run yet" in lines[-2], lines
+    assert "reading is not proven" in lines[-1]
 
     lines = []
     bad = _site_config(tmp_path, pki, "south", wss_port, proxy_port, tables[1],
