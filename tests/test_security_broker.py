@@ -138,12 +138,16 @@ def test_a_site_sees_and_sends_only_what_its_acl_allows(secure):
                       "manifest", f"{ROOT}/coordinator/status"):
             spy.wait_published([spy.publish(topic, b"forged")], 5)
         spy.wait_published([spy.publish(f"{ROOT}/site/north/status", b"own")], 5)
+        # MQTT 5 says so in the PUBACK: counted for the status, the topic named
+        assert spy.protocol_used == "5" and spy.publishes_refused == 3
+        assert spy.last_refusal == f"Not authorized on {ROOT}/coordinator/status"
         assert drain(coord, 5, expect=1) + drain(coord, 1.0) == [f"{ROOT}/site/north/status"]
         assert drain(south, 0.5) == []
         assert drain(monitor, 5, expect=1) + drain(monitor, 0.5) == [f"{ROOT}/site/north/status"]
         # the monitor cannot write anything
         monitor.wait_published([monitor.publish(f"{ROOT}/coordinator/round/2/manifest", b"x"),
                                 monitor.publish(f"{ROOT}/site/north/status", b"x")], 5)
+        assert monitor.publishes_refused == 2 and south.publishes_refused == 0
         assert drain(south, 1.0) == [] and drain(coord, 0.5) == []
     finally:
         for t in (coord, monitor, spy, south):
