@@ -12,6 +12,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,12 +148,16 @@ def test_a_second_agent_on_the_same_state_directory_exits_2_naming_the_first(tmp
     """Two agents on one state directory would push each other off the broker (same
     certificate, same client id) and overwrite each other's state: the second is refused."""
     from agent.federation.broker import free_port
+    from agent.ops.statedir import agent_lock_holder
 
     tables, _test, _features = breast_cancer_sites(tmp_path / "data")
     cfg = write_site_config(tmp_path, "north", FED, free_port(), tables[0])  # nothing listens
     first = start_site(cfg, tmp_path / "first.log")
     try:
-        wait_for_line(tmp_path / "first.log", "trying again in", timeout=60)
+        deadline = time.monotonic() + 60
+        while agent_lock_holder(tmp_path / "north") != str(first.pid):  # it holds the lock
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
         second = subprocess.run([sys.executable, "-m", "agent", "site", "run", "--config",
                                  str(cfg)], capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
