@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_predict)
 
     doc = sub.add_parser("doctor", help="check this site's path to the broker step by step "
-                                        "(certificate, DNS, TCP, proxy, TLS); first failure in "
-                                        "words to act on")
+                                        "(certificate, DNS, TCP, proxy, TLS, then the MQTT "
+                                        "session and ACL while the agent is stopped); the "
+                                        "first failure in words to act on")
     doc.add_argument("--config", required=True, help="the site config")
     doc.set_defaults(func=_cmd_doctor)
 

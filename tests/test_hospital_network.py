@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -195,6 +196,17 @@ def test_doctor_walks_the_path_and_names_the_first_failure(network, tmp_path):
                           "hospital:s3cret")
     assert run_doctor(closed, lines.append) == 1
     assert lines[-1].startswith("FAIL  tcp") and "refused or unreachable" in lines[-1]
+
+    # the command itself: 1 and the steps on stdout; a config that is not there: 2, one line
+    def doctor(cfg):
+        return subprocess.run([sys.executable, "-m", "agent", "doctor", "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=120)
+
+    done = doctor(closed)
+    assert done.returncode == 1 and done.stdout.splitlines()[-1].startswith("FAIL  tcp")
+    done = doctor(tmp_path / "missing.toml")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "missing.toml" in done.stderr
 
 
 @NEEDS_TINYPROXY
