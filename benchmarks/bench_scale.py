@@ -43,21 +43,18 @@ MODEL = ModelSpec(kind="mlp", hidden=(1000, 1000))  # 14 x 1000 + 1000 x 1000 + 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc(pid: int) -> tuple[float, float]:
-    """(peak RSS MiB, CPU seconds) of a live process, from /proc."""
-    peak = 0.0
+def _status_mib(pid: int, key: str) -> float:
+    """A memory figure of a live process from /proc/PID/status (VmHWM: peak, VmRSS: now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) / 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return peak, (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def _rss(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a live process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, float, float]:
@@ -158,17 +155,14 @@ def run_federation(work: Path, n: int, rounds: int, workers: int, patients: int
             [sys.executable, "-m", "agent", "coordinator", "run", "--config",
              str(files.out / "coordinator.toml"), "--plan", str(files.out / "plan.toml")],
             stdout=subprocess.DEVNULL, stderr=open(files.out / "coordinator.log", "wb"))
-        broker_peak = [0.0]
-
         trace = open(files.out / "rss.csv", "w")  # noqa: SIM115 - closed by the watcher
         trace.write("clock,coordinator_rss_mib,broker_rss_mib\n")
 
         def watch() -> None:
             with trace:
                 while coord.returncode is None and broker.proc.poll() is None:
-                    broker_peak[0] = max(broker_peak[0], _proc(broker.proc.pid)[0])
                     try:
-                        rss = [_rss(p) for p in (coord.pid, broker.proc.pid)]
+                        rss = [_status_mib(p, "VmRSS") for p in (coord.pid, broker.proc.pid)]
                     except OSError:
                         break
                     trace.write(f"{time.strftime('%H:%M:%S')},{rss[0]:.0f},{rss[1]:.0f}\n")
@@ -178,7 +172,7 @@ def run_federation(work: Path, n: int, rounds: int, workers: int, patients: int
         rc, coord_peak, coord_cpu = _reap(coord, 3600)
         wall = time.monotonic() - t_start
         site_rc = [_reap(p, 300) for p in pool]
-        b_peak, b_cpu = _proc(broker.proc.pid)
+        b_peak, b_cpu = _status_mib(broker.proc.pid, "VmHWM"), _cpu_s(broker.proc.pid)
         traffic = _broker_bytes(broker.port)
     if rc != 0:
         raise SystemExit(f"coordinator exited with {rc}; see {files.out / 'coordinator.log'}")
@@ -199,7 +193,7 @@ def run_federation(work: Path, n: int, rounds: int, workers: int, patients: int
         "slowest_train_s": statistics.median(r["slowest_train_s"] for r in warm),
         "sites_per_round": min(len(r["sites"]) for r in rec),
         "coordinator_peak_mib": coord_peak, "coordinator_cpu_s": coord_cpu,
-        "broker_peak_mib": max(b_peak, broker_peak[0]), "broker_cpu_s": b_cpu,
+        "broker_peak_mib": b_peak, "broker_cpu_s": b_cpu,
         "worker_peak_mib": max(r[1] for r in site_rc),
         "task_mb": rec[0]["bytes_sent"] / 1e6,
         "updates_mb_per_round": statistics.median(r["bytes_received"] for r in warm) / 1e6,

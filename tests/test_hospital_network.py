@@ -61,6 +61,11 @@ def network():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _tls(pki: PKI, name: str) -> TLSFiles:
+    return TLSFiles(ca=pki.dir / "ca.crt", cert=pki.dir / f"{name}.crt",
+                    key=pki.dir / f"{name}.key")
+
+
 def _site_config(tmp: Path, pki: PKI, name: str, wss_port: int, proxy_port: int, table: Path,
                  credentials: str) -> Path:
     auth = tmp / f"{name}-proxy.auth"
@@ -70,8 +75,7 @@ def _site_config(tmp: Path, pki: PKI, name: str, wss_port: int, proxy_port: int,
     cfg.write_text(dumps({
         "site": {"id": name, "federation": FED, "state_dir": str(tmp / name)},
         "broker": {"host": "127.0.0.1", "port": wss_port, "transport": "websockets",
-                   "tls": {"ca": str(pki.dir / "ca.crt"), "cert": str(pki.dir / f"{name}.crt"),
-                           "key": str(pki.dir / f"{name}.key")},
+                   "tls": {k: str(v) for k, v in vars(_tls(pki, name)).items()},
                    "proxy": {"host": "127.0.0.1", "port": proxy_port, "auth_file": str(auth)}},
         "data": {"table": str(table), "holdout_fraction": 0.2},
     }))
@@ -87,8 +91,7 @@ def test_a_federation_over_wss_through_the_hospital_proxy(network, tmp_path):
              for name, table in zip(NAMES, tables[:2], strict=True)]
     coord = CoordinatorThread(  # the coordinator, in its own network, talks TLS directly
         plan_for(features, NAMES, rounds=2), tls_port, tmp_path / "coord",
-        tls=TLSFiles(ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
-                     key=pki.dir / "coordinator.key")).start()
+        tls=_tls(pki, "coordinator")).start()
     final = coord.join(timeout=120)
     assert stop_all(procs) == [0, 0]
     assert final["sites"] == NAMES
@@ -150,9 +153,8 @@ def _retain_coordinator_status(pki: PKI, tls_port: int, doc: dict | None) -> Non
     from agent.federation import topics
     from agent.federation.transport import Transport
 
-    t = Transport(f"fedsilo-{FED}-coordinator", BrokerConfig(port=tls_port, tls=TLSFiles(
-        ca=pki.dir / "ca.crt", cert=pki.dir / "coordinator.crt",
-        key=pki.dir / "coordinator.key")))
+    t = Transport(f"fedsilo-{FED}-coordinator",
+                  BrokerConfig(port=tls_port, tls=_tls(pki, "coordinator")))
     t.connect()
     t.close(final=(topics.coordinator_status(FED),
                    b"" if doc is None else json.dumps(doc).encode()))

@@ -76,11 +76,15 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
     return rng.uniform(0.0, min(cap_s, base_s * (2 ** min(attempt, 30))))
 
 
+def _unwrapped(sock: Any) -> Any:
+    """The (TLS) socket itself: under websockets paho hands out its wrapper around it."""
+    return getattr(sock, "_socket", sock)
+
+
 def _disable_nagle(client: mqtt.Client) -> None:
     """paho leaves Nagle's algorithm on; with delayed ACKs that costs ~40 ms per small
     request/acknowledge exchange, which dominated our round overhead."""
-    sock = client.socket()
-    sock = getattr(sock, "_socket", sock)  # websockets: paho wraps the (TLS) socket
+    sock = _unwrapped(client.socket())
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -135,7 +139,7 @@ class Transport:
         self.publishes_refused = 0  # PUBACKs with a failure reason (MQTT 5: the broker's ACL)
         self.last_refusal: str | None = None  # "<reason> on <topic>"
         self._in_flight: dict[int, tuple[str, float | None]] = {}  # mid: (topic, sent if small)
-        self._rtt_lock = threading.Lock()
+        self._in_flight_lock = threading.Lock()
         self._rng = random.Random()
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -338,7 +342,7 @@ class Transport:
         """
         if not self._closing:
             return
-        sock = getattr(sock, "_socket", sock)  # websockets: paho wraps the (TLS) socket
+        sock = _unwrapped(sock)
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + DRAIN_S
@@ -474,7 +478,7 @@ class Transport:
         info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         # a small message: its PUBACK times the path
         sent = time.monotonic() if len(payload) <= RTT_MAX_BYTES else None
-        with self._rtt_lock:
+        with self._in_flight_lock:
             self._in_flight[info.mid] = (topic, sent)
             while len(self._in_flight) > 256:  # acks lost with a connection
                 del self._in_flight[next(iter(self._in_flight))]
@@ -485,7 +489,7 @@ class Transport:
         """PUBACK of a publish: for a small one, the round trip to the broker and back; a
         refusal (MQTT 5 reason code, e.g. Not authorized from the ACL) is counted and named:
         under 3.1.1 the broker acknowledges and drops such a publish without a word."""
-        with self._rtt_lock:
+        with self._in_flight_lock:
             topic, sent = self._in_flight.pop(mid, ("?", None))
         if sent is not None:
             self.last_rtt_ms = round((time.monotonic() - sent) * 1000.0, 1)
